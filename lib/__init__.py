@@ -1,0 +1,1 @@
+"""Shared code of the four training scripts: config, data, models, losses, metrics, checkpoints, logging."""

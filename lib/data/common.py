@@ -1,0 +1,103 @@
+"""Data pieces shared by the tasks: deterministic epoch sampler, per-sample RNG, safe image reading.
+
+Reproducibility contract: a training sample's augmentation depends only on (seed, epoch, index),
+never on worker count, process count or resume point. `EpochSampler` yields `(index, epoch)`
+keys; datasets call `sample_rng(seed, key)` in `__getitem__`. Resuming at step k then sees
+exactly the batches (and augmentations) an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lib.runtime import UserError
+
+
+class DataError(UserError):
+    """Missing folder, corrupt image, label out of range, ...: the message names the file."""
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch): a permutation seeded by (seed, epoch) when shuffling, else 0..n-1.
+
+    accelerate shards its batches over processes (process p takes batches p, p+N, ...), so an
+    N-process run sees the same global batches as one process with an N times larger batch.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else range(self.n)
+        return iter([(int(i), self.epoch) for i in order])
+
+
+def split_key(key) -> tuple[int, int]:
+    """(index, epoch) from a sampler key; a plain int index means epoch 0."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), 0
+
+
+def sample_rng(seed: int, index: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{what} folder not found: {path}")
+    return path
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """(H, W, 3) uint8 for RGB, (H, W) for 'L'/'P' label maps; DataError names a missing/corrupt file."""
+    try:
+        with Image.open(path) as im:
+            if mode == "label":
+                arr = np.array(im)
+                if arr.ndim == 3:  # label saved as RGB with equal channels
+                    arr = arr[..., 0]
+                return arr
+            return np.array(im.convert(mode))
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"corrupt or unreadable image {path}: {e}") from None
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor_normalized(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def kfold_indices(n: int, k: int, fold: int, seed: int = 0, groups: list | None = None) -> tuple[list[int], list[int]]:
+    """(train, val) indices of fold `fold` of `k`. With `groups` (e.g. identities), folds are
+    group-disjoint: every sample of a group falls in the same fold. Folds cover all samples once."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold {fold} out of range for k={k}")
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(n)
+        val = set(order[fold::k].tolist())
+    else:
+        uniq = sorted(set(groups), key=str)
+        perm = rng.permutation(len(uniq))
+        val_groups = {uniq[i] for i in perm[fold::k]}
+        val = {i for i, g in enumerate(groups) if g in val_groups}
+    return [i for i in range(n) if i not in val], sorted(val)

@@ -1,0 +1,118 @@
+"""Console progress (rich), log.txt, metrics.jsonl and tracker logging for a run.
+
+    log = RunLog(accelerator, run_dir, total_steps, start_step, log_interval)
+    log.train_step(step, {"loss_ce": l1, "loss_kd": l2}, lr=..., images=global_batch)  # every step
+    log.eval(step, {"mIoU": 71.2, ...})                                             # each evaluation
+A non-finite loss raises NonFiniteLossError naming the step and the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Raise NonFiniteLossError naming the first NaN/inf loss (one host sync)."""
+    vals = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    if not bool(torch.isfinite(vals).all()):
+        for (name, v), x in zip(losses.items(), vals.tolist()):
+            if not (x == x and abs(x) != float("inf")):
+                raise NonFiniteLossError(f"non-finite loss at step {step}: {name} = {x}")
+
+
+class RunLog:
+    def __init__(self, accelerator, run_dir: str | Path, total_steps: int, start_step: int = 0,
+                 log_interval: int = 10, check_losses: bool = True):
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.run_dir = Path(run_dir)
+        self.total, self.log_interval, self.check_losses = total_steps, max(log_interval, 1), check_losses
+        self.console = Console(highlight=False)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._n, self._images, self._t = 0, 0, time.perf_counter()
+        self.progress = None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.run_dir / "log.txt", "a")
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
+                                     console=self.console, transient=False, disable=not self.console.is_terminal)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            self.console.print(msg, markup=False)
+            self._log_file.write(msg + "\n")
+            self._log_file.flush()
+
+    def train_step(self, step: int, losses: dict[str, torch.Tensor], lr: float, images: int,
+                   extra: dict[str, float] | None = None) -> None:
+        """Record the losses of optimizer step `step` (1-based); print/log every log_interval steps."""
+        if self.check_losses:
+            check_finite(losses, step)
+        for k, v in losses.items():
+            self._sums[k] = self._sums.get(k, 0) + v.detach().float()
+        self._n += 1
+        self._images += images
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+        if step % self.log_interval and step != self.total:
+            return
+        dt = time.perf_counter() - self._t
+        means = {k: float(v) / self._n for k, v in self._sums.items()}
+        ips = self._images / max(dt, 1e-9)
+        device = self.acc.device
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        eta = (self.total - step) * dt / self._n
+        fields = {"lr": lr, **means, **(extra or {}), "img/s": ips}
+        line = (f"step {step}/{self.total}  lr {lr:.3e}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+                + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items())
+                + f"  img/s {ips:.1f}" + (f"  mem {mem:.2f}GB" if mem else "") + f"  eta {_fmt_time(eta)}")
+        if self.progress is not None and self.progress.console.is_terminal:
+            self.progress.update(self.task, description=f"lr {lr:.2e} " + " ".join(f"{k} {v:.3f}" for k, v in means.items()) + f" {ips:.0f} img/s")
+            self._log_file.write(line + "\n")
+            self._log_file.flush()
+        else:
+            self.info(line)
+        self.acc.log({f"train/{k}": v for k, v in fields.items()}, step=step)
+        self._sums, self._n, self._images, self._t = {}, 0, 0, time.perf_counter()
+
+    def eval(self, step: int, metrics: dict[str, float], prefix: str = "val") -> None:
+        """Append {"step": step, **metrics} to metrics.jsonl, print it and send it to the tracker."""
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.info(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in metrics.items()))
+        self.acc.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.main:
+            self._log_file.close()
+        self.acc.end_training()
+
+
+def _fmt_time(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of a run's metrics.jsonl (empty list if none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
