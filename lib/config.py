@@ -86,6 +86,7 @@ class RunConfig:
     resume: str = ""  # "" | auto | path to checkpoints/step_<N>
     load_from: str = ""  # weights only (fine-tuning / eval): .safetensors, .pth, or a checkpoint folder
     eval_only: bool = False
+    ensemble: list[str] = field(default_factory=list)  # eval_only: average predictions of these checkpoints
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     tracker: Literal["tensorboard", "wandb", "aim", "mlflow", "none"] = "tensorboard"
     compile: bool = False  # torch.compile the model
