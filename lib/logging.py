@@ -85,6 +85,9 @@ class RunLog:
             self._log_file.flush()
         else:
             self.info(line)
+        if self.main:
+            with open(self.run_dir / "train.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **fields}) + "\n")
         self.acc.log({f"train/{k}": v for k, v in fields.items()}, step=step)
         self._sums, self._n, self._images, self._t = {}, 0, 0, time.perf_counter()
 
@@ -94,7 +97,8 @@ class RunLog:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             self.info(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                          for k, v in metrics.items()))
+                                                          for k, v in metrics.items() if isinstance(v, (int, float))))
+            plot_curves(self.run_dir)
         self.acc.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
@@ -102,6 +106,7 @@ class RunLog:
             self.progress.stop()
         if self.main:
             self._log_file.close()
+            plot_curves(self.run_dir)
         self.acc.end_training()
 
 
@@ -116,3 +121,31 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: str | Path) -> None:
+    """metrics.png (every scalar of metrics.jsonl) and losses.png (train.jsonl) in the run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    for src, dst in (("metrics.jsonl", "metrics.png"), ("train.jsonl", "losses.png")):
+        path = run_dir / src
+        if not path.is_file():
+            continue
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        keys = [k for k in rows[-1] if k != "step" and isinstance(rows[-1][k], (int, float)) and k != "img/s"]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+            ax.set_title(k, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / dst, dpi=80)
+        plt.close(fig)

@@ -21,6 +21,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     run_dir = Path(cfg.output_dir)
     tracker = None if cfg.tracker == "none" else cfg.tracker
     accelerator = Accelerator(
+        # without a GPU, processes started by torchrun / accelerate launch form a gloo (MULTI_CPU) group
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=tracker,
@@ -73,13 +75,13 @@ class _AllReduceSyncBN(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        n = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n])
-        stats = all_reduce(stats)  # autograd-aware sum over processes
         c = x.shape[1]
+        n = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), n]))  # autograd-aware sum over processes
         count = stats[-1]
         mean = stats[:c] / count
-        var = stats[c:2 * c] / count - mean * mean
+        # second pass on centred values: E[x^2] - E[x]^2 loses precision when |mean| >> std
+        var = all_reduce((x - mean[None, :, None, None]).pow(2).sum(dim=(0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum

@@ -101,3 +101,13 @@ def kfold_indices(n: int, k: int, fold: int, seed: int = 0, groups: list | None 
         val_groups = {uniq[i] for i in perm[fold::k]}
         val = {i for i, g in enumerate(groups) if g in val_groups}
     return [i for i in range(n) if i not in val], sorted(val)
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                pin_memory: bool = False, drop_last: bool = False, sampler=None, collate_fn=None):
+    """DataLoader over an EpochSampler (or `sampler`), with its own torch.Generator: iterating it
+    never draws from the global RNG, so a resumed run's dropout / drop-path draws match."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler or EpochSampler(len(dataset), shuffle, seed), drop_last=drop_last,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        generator=torch.Generator(), collate_fn=collate_fn)

@@ -175,8 +175,12 @@ class SegFormer(nn.Module):
     def forward_head(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.decode_head(feats)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K, H/4, W/4)
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """(B, 3, H, W) -> logits (B, K, H/4, W/4) [, the 4 stage features]. Distillation asks for the
+        features through forward() (not forward_features) so that DDP sees one forward call."""
+        feats = self.forward_features(x)
+        logits = self.forward_head(feats)
+        return (logits, feats) if return_features else logits
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.grad_checkpointing = enable
