@@ -55,6 +55,16 @@ def test_resume_is_bit_identical(tmp_path):
     assert state["step"] == 6
 
 
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    run(tmp_path, "train.total_steps=2", "train.batch_size=1", "train.grad_accum_steps=3", "train.eval_interval=2",
+        "train.ckpt_interval=2", "sched.name=linear", "sched.warmup_steps=0", "optim.lr=1e-3")
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 0.5e-3])  # schedule advanced once per 3 micro-batches
+    state = json.loads((tmp_path / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state == {"step": 2, "epoch": 0}  # 6 images / 3 per step: both steps in epoch 0
+
+
 def test_eval_only_and_ensemble_of_identical_checkpoints(tmp_path):
     train_dir = tmp_path / "train"
     run(train_dir, "train.total_steps=4", "train.batch_size=2", "train.eval_interval=4", "train.ckpt_interval=4")
