@@ -1,4 +1,4 @@
-"""Semantic segmentation with SegFormer (MiT-B0..B5) and optional teacher -> student distillation.
+r"""Semantic segmentation with SegFormer (MiT-B0..B5) and optional teacher -> student distillation.
 
 Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch flags say):
   accelerate launch train_seg.py --config configs/seg/sample.yaml                       # bundled sample, CPU < 2 min

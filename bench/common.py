@@ -77,5 +77,13 @@ def environment(device: torch.device) -> dict:
     return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
+def dataset_ips(ds, n: int) -> float:
+    """Samples/s of ds[(i, epoch)] in one process (decode + augment): the data pipeline per worker."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[(i % len(ds), i // len(ds))]
+    return round(n / (time.perf_counter() - t0), 2)
+
+
 def print_json(obj: dict) -> None:
     print(json.dumps(obj, indent=1))

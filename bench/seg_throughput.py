@@ -10,15 +10,14 @@ data pipeline's img/s for one worker (decode + augment) on the bundled sample.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, environment, peak_bf16_tflops, print_json,  # noqa: E402
-                          time_train_step)
+from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops,  # noqa: E402
+                          print_json, time_train_step)
 from lib.models.segformer import MIT_SETTINGS, SegFormer  # noqa: E402
 
 
@@ -52,10 +51,7 @@ def data_pipeline_ips(n: int = 8) -> float:
 
     root = Path(__file__).resolve().parents[1] / "tests" / "data" / "seg"
     ds = SegFolderDataset(build_config(SegDataConfig, {"root": str(root), "crop_size": [512, 512]}), "train", True)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), i // len(ds))]
-    return round(n / (time.perf_counter() - t0), 2)
+    return dataset_ips(ds, n)
 
 
 def main():

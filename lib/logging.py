@@ -146,6 +146,6 @@ def plot_curves(run_dir: str | Path) -> None:
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / dst, dpi=80)
+        fig.subplots_adjust(left=0.25 / len(keys), right=1 - 0.05 / len(keys), bottom=0.18, top=0.88, wspace=0.45)
+        fig.savefig(run_dir / dst, dpi=72)
         plt.close(fig)

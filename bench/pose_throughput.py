@@ -1,0 +1,100 @@
+"""SDPose-S-V1 training-step throughput (256x192, 2 cycles, heatmap + token self-distillation losses, Adam).
+
+    python bench/pose_throughput.py                       # GPU: batch 64 (SDPose's per-GPU batch), bf16
+    python bench/pose_throughput.py --preset t --compile
+    python bench/pose_throughput.py --device cpu --tiny   # flow check (tests run this)
+Prints JSON: img/s, step ms, peak memory, TFLOP/s for
+  ours             the model as trained (attention through F.scaled_dot_product_attention),
+  ours_importance  + importance masking (explicit keypoint-query attention weights of each cycle's last layer),
+  reference        the same weights with SDPose's attention math (einsum -> softmax -> einsum, as in
+                   SDPose's tokenbase.py); no TokenPose/SDPose implementation is installable here,
+and the data pipeline's img/s for one worker (decode + augment + targets) on the bundled sample.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops, print_json,  # noqa: E402
+                          time_train_step)
+from lib.losses.pose import MaskedTokenDistilLoss, joints_mse, token_importance  # noqa: E402
+from lib.models.tokenpose import tokenpose  # noqa: E402
+
+
+def sdpose_attention(self, x, attn_rows: int = 0):
+    """SDPose's Attention.forward: explicit scores and softmax for every query."""
+    q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+    attn = (torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    out = rearrange(torch.einsum("bhij,bhjd->bhid", attn, v), "b h n d -> b n (h d)")
+    return self.proj(out), (attn[:, :, :attn_rows].mean(1).detach() if attn_rows else None)
+
+
+def make_step(model, x, target, weight, precision: str, device, masking: str = ""):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dist = MaskedTokenDistilLoss(5e-6, 0.3 if masking else 0.0, masking or "random")
+    j = model.num_joints
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
+            outs = model(x, need_attn=bool(masking))
+        loss = sum(joints_mse(o["heatmap"], target, weight) for o in outs)
+        for s, t in zip(outs[:-1], outs[1:]):
+            vis_imp, kpt_imp = token_importance(t["attn"], j) if masking else (None, None)
+            loss = loss + dist(s["vis_token"], t["vis_token"], vis_imp) + dist(s["kpt_token"], t["kpt_token"], kpt_imp)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def data_pipeline_ips(n: int = 8) -> float:
+    from lib.data.coco import CocoPoseDataset, PoseDataConfig
+
+    ds = CocoPoseDataset(PoseDataConfig(root=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "pose")),
+                         "train", train=True)
+    return dataset_ips(ds, n)
+
+
+def main():
+    p = base_parser(__doc__)
+    p.add_argument("--preset", default="s-v1", choices=["t", "s-v1", "s-v2"])
+    args = p.parse_args()
+    device = torch.device(args.device)
+    size, extra = (192, 256), {}
+    if args.tiny:
+        size, extra, args.iters, args.warmup = (48, 64), dict(depth=1, dim=32, heads=2), 2, 1
+        args.precision = "fp32" if device.type == "cpu" else args.precision  # CPU bf16 autocast is very slow
+    bs = args.batch_size or (2 if args.tiny else 64)
+    peak = peak_bf16_tflops(device) if args.precision == "bf16" else None
+    x = torch.randn(bs, 3, size[1], size[0], device=device)
+    target = torch.rand(bs, 17, size[1] // 4, size[0] // 4, device=device)
+    weight = torch.ones(bs, 17, device=device)
+    row = {"preset": args.preset, "batch": bs, "size": f"{size[1]}x{size[0]}", "precision": args.precision}
+    torch.manual_seed(0)
+    model = tokenpose(args.preset, image_size=size, **extra).to(device).train()
+    flops = None if args.tiny else count_train_flops(make_step(model, x, target, weight, "fp32", device))
+    for name, masking in (("ours", ""), ("ours_importance", "importance")):
+        for compiled in ([False, True] if args.compile else [False]):
+            m = torch.compile(model) if compiled else model
+            step = make_step(m, x, target, weight, args.precision, device, masking)
+            row[name + ("_compiled" if compiled else "")] = time_train_step(step, bs, device, args.warmup, args.iters,
+                                                                            flops, peak)
+    for blk in model.blocks:  # same model, SDPose's explicit attention
+        blk.attn.forward = types.MethodType(sdpose_attention, blk.attn)
+    row["reference"] = time_train_step(make_step(model, x, target, weight, args.precision, device), bs, device,
+                                       args.warmup, args.iters, flops, peak)
+    row["speedup_vs_reference"] = round(row["ours"]["img_per_s"] / row["reference"]["img_per_s"], 3)
+    print_json({"bench": "pose_train_step", **environment(device), "results": [row],
+                "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 16)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""COCO person keypoints, top-down: one sample per person box, mmpose 0.x TopDown pipeline.
+
+    ds = CocoPoseDataset(cfg, "train", train=True, seed=0)   # ground-truth boxes of annotated persons
+    ds = CocoPoseDataset(cfg, "val", train=False)             # detection boxes (cfg.det_file) or gt boxes
+    ds[(index, epoch)] -> {"image": (3, h, w) float, "target": (J, h/4, w/4), "target_weight": (J,),
+                           "center": (2,), "scale": (2,), "box_score": (), "image_id": ()}
+
+Box -> crop: center of the box, width/height enlarged to the input aspect ratio, times
+`bbox_padding` (1.25); `scale` is the crop size in image pixels (mmpose's scale * 200).
+Training augmentations, in mmpose's order: center shift (p 0.3, 0.16 of the box), horizontal
+flip with joint pairs (p 0.5), half body (p 0.3, > 8 visible joints), scale N(1, 0.35) clipped to
+[0.65, 1.35], rotation N(0, 45) clipped to +-90 with p 0.6; then the affine crop (bilinear,
+cv2.warpAffine's pixel convention) and sigma-2 Gaussian target heatmaps at 1/4 resolution
+(`unbiased_encoding`: centred on the exact sub-pixel joint, DARK). Every random draw comes from
+`sample_rng(seed, index, epoch)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lib.data.common import DataError, read_image, require_dir, sample_rng, split_key, to_tensor_normalized
+
+COCO_KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+                  "left_knee", "right_knee", "left_ankle", "right_ankle"]
+COCO_FLIP_PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)]
+COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10
+UPPER_BODY = list(range(11))  # nose .. wrists
+
+
+@dataclass
+class PoseDataConfig:
+    root: str = "tests/data/pose"
+    train_ann: str = "test_coco.json"  # COCO person_keypoints_*.json, relative to root
+    train_images: str = "images"
+    val_ann: str = "test_coco.json"
+    val_images: str = "images"
+    det_file: str = ""  # person detections json for evaluation ("" = ground-truth boxes)
+    det_bbox_thr: float = 0.0
+    image_size: tuple[int, int] = (192, 256)  # (w, h); heatmaps are (w/4, h/4)
+    sigma: float = 2.0
+    unbiased_encoding: bool = True
+    bbox_padding: float = 1.25
+    shift_prob: float = 0.3
+    shift_factor: float = 0.16
+    flip_prob: float = 0.5
+    half_body_prob: float = 0.3
+    half_body_min_joints: int = 8
+    scale_factor: float = 0.35
+    rot_factor: float = 45.0
+    rot_prob: float = 0.6
+
+
+# ----------------------------------------------------------------------------- geometry
+def box_to_center_scale(box, aspect: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y, w, h) -> center (2,), crop size (2,) in pixels with aspect w/h = `aspect`, padded."""
+    x, y, w, h = box
+    center = np.array([x + w * 0.5, y + h * 0.5], np.float32)
+    if w > aspect * h:
+        h = w / aspect
+    else:
+        w = h * aspect
+    return center, np.array([w, h], np.float32) * padding
+
+
+def affine_matrix(center, scale, rot: float, out_size) -> np.ndarray:
+    """2x3 map image -> crop (pixel-index coords): scale by out_w / scale_w, rotate by -rot degrees
+    about `center` (positive rot turns the person counter-clockwise in the crop), center -> crop centre."""
+    k = out_size[0] / scale[0]
+    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
+    a = k * np.array([[c, s], [-s, c]])
+    t = np.array([out_size[0] * 0.5, out_size[1] * 0.5]) - a @ np.asarray(center, np.float64)
+    return np.concatenate([a, t[:, None]], axis=1)
+
+
+def affine_points(pts: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(K, 2) points through a 2x3 matrix."""
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def warp_image(img: np.ndarray, m: np.ndarray, out_size) -> np.ndarray:
+    """cv2.warpAffine(img, m, out_size, INTER_LINEAR) with PIL: out(p) = img(m^-1 p), zeros outside."""
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
+    a, t = inv[:, :2], inv[:, 2]
+    c = t + 0.5 - a @ np.array([0.5, 0.5])  # PIL samples at pixel centres (x + 0.5)
+    data = (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1])
+    return np.array(Image.fromarray(img).transform(tuple(out_size), Image.Transform.AFFINE, data,
+                                                     resample=Image.Resampling.BILINEAR))
+
+
+def encode_heatmaps(joints: np.ndarray, visible: np.ndarray, size, sigma: float = 2.0,
+                    unbiased: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Joints (K, 2) in heatmap pixels -> Gaussian targets (K, h, w) and weights (K,) (mmpose MSRA).
+
+    unbiased: exp(-d^2 / 2 sigma^2) around the exact joint over the whole map (DARK); otherwise
+    around the rounded joint, cut to a (6 sigma + 1) window. Weight 0 for invisible joints and for
+    joints whose 3-sigma window misses the map.
+    """
+    w, h = size
+    k = len(joints)
+    target, weight = np.zeros((k, h, w), np.float32), (np.asarray(visible) > 0).astype(np.float32)
+    xs, ys = np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
+    r = sigma * 3
+    for j in range(k):
+        mx, my = (float(joints[j, 0]), float(joints[j, 1])) if unbiased else \
+            (float(int(joints[j, 0] + 0.5)), float(int(joints[j, 1] + 0.5)))
+        if mx - r >= w or my - r >= h or mx + r + 1 < 0 or my + r + 1 < 0:
+            weight[j] = 0
+        if weight[j] == 0:
+            continue
+        g = np.exp(-((xs[None] - mx) ** 2 + (ys[:, None] - my) ** 2) / (2 * sigma ** 2))
+        if not unbiased:  # window of 6 sigma + 1 around the rounded joint
+            g *= (np.abs(xs[None] - mx) <= int(r)) & (np.abs(ys[:, None] - my) <= int(r))
+        target[j] = g
+    return target, weight
+
+
+# ----------------------------------------------------------------------------- annotations
+def load_coco_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot parse {path}: {e}") from None
+    if isinstance(data, dict):
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise DataError(f"{path} is not a COCO keypoints file (no '{key}')")
+    return data
+
+
+def person_instances(coco: dict, path: Path) -> list[dict]:
+    """Annotated persons with keypoints (mmpose: skip crowd, empty keypoints, degenerate boxes)."""
+    images = {im["id"]: im for im in coco["images"]}
+    out = []
+    for ann in coco["annotations"]:
+        if ann.get("category_id", 1) != 1 or ann.get("iscrowd", 0) or max(ann.get("keypoints", [0])) == 0:
+            continue
+        if ann["image_id"] not in images:
+            raise DataError(f"{path}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
+        im = images[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        x1, y1 = max(0.0, x), max(0.0, y)
+        x2, y2 = min(im["width"] - 1.0, x1 + max(0.0, w)), min(im["height"] - 1.0, y1 + max(0.0, h))
+        if ann.get("area", 1) <= 0 or x2 <= x1 or y2 <= y1:
+            continue
+        kpts = np.asarray(ann["keypoints"], np.float32).reshape(-1, 3)
+        if len(kpts) != len(COCO_KEYPOINTS):
+            raise DataError(f"{path}: annotation {ann.get('id')} has {len(kpts)} keypoints, expected 17")
+        out.append({"file": im["file_name"], "image_id": im["id"], "box": (x1, y1, x2 - x1, y2 - y1),
+                    "score": 1.0, "joints": kpts[:, :2], "visible": (kpts[:, 2] > 0).astype(np.float32)})
+    return out
+
+
+def detection_instances(dets: list, coco: dict, path: Path, thr: float) -> list[dict]:
+    """Person detections (COCO results format) on the images of `coco`, score > thr."""
+    if not isinstance(dets, list):
+        raise DataError(f"{path}: a detection file is a json list of {{image_id, bbox, score, category_id}}")
+    images = {im["id"]: im for im in coco["images"]}
+    out = []
+    for d in dets:
+        if d.get("category_id", 1) != 1 or d["score"] <= thr or d["image_id"] not in images:
+            continue
+        im = images[d["image_id"]]
+        out.append({"file": im["file_name"], "image_id": im["id"], "box": tuple(d["bbox"]), "score": float(d["score"]),
+                    "joints": np.zeros((len(COCO_KEYPOINTS), 2), np.float32),
+                    "visible": np.zeros(len(COCO_KEYPOINTS), np.float32)})
+    if not out:
+        raise DataError(f"{path}: no person detection above {thr} on the images of the annotation file")
+    return out
+
+
+# ----------------------------------------------------------------------------- dataset
+class CocoPoseDataset(torch.utils.data.Dataset):
+    def __init__(self, cfg: PoseDataConfig, split: str, train: bool, seed: int = 0):
+        root = Path(cfg.root)
+        ann, img_dir = (cfg.train_ann, cfg.train_images) if split == "train" else (cfg.val_ann, cfg.val_images)
+        self.ann_file, self.img_dir = root / ann, require_dir(root / img_dir, "image")
+        self.coco = load_coco_json(self.ann_file)
+        if train or not cfg.det_file:
+            self.items = person_instances(self.coco, self.ann_file)
+        else:
+            det_path = root / cfg.det_file
+            self.items = detection_instances(load_coco_json(det_path), self.coco, det_path, cfg.det_bbox_thr)
+        if not self.items:
+            raise DataError(f"{self.ann_file}: no person with keypoints")
+        self.cfg, self.train, self.seed = cfg, train, seed
+        self.flip_index = np.arange(len(COCO_KEYPOINTS))
+        for a, b in COCO_FLIP_PAIRS:
+            self.flip_index[a], self.flip_index[b] = b, a
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict:
+        i, epoch = split_key(key)
+        it, cfg = self.items[i], self.cfg
+        img = read_image(self.img_dir / it["file"])
+        joints, vis = it["joints"].copy(), it["visible"].copy()
+        center, scale = box_to_center_scale(it["box"], cfg.image_size[0] / cfg.image_size[1], cfg.bbox_padding)
+        rot = 0.0
+        if self.train:
+            img, joints, vis, center, scale, rot = self.augment(img, joints, vis, center, scale,
+                                                                sample_rng(self.seed, i, epoch))
+        m = affine_matrix(center, scale, rot, cfg.image_size)
+        crop = warp_image(img, m, cfg.image_size)
+        hm_size = (cfg.image_size[0] // 4, cfg.image_size[1] // 4)
+        target, weight = encode_heatmaps(affine_points(joints, m) / 4.0, vis, hm_size, cfg.sigma, cfg.unbiased_encoding)
+        return {"image": to_tensor_normalized(crop), "target": torch.from_numpy(target),
+                "target_weight": torch.from_numpy(weight), "center": torch.from_numpy(center),
+                "scale": torch.from_numpy(scale.astype(np.float32)), "box_score": torch.tensor(it["score"]),
+                "image_id": torch.tensor(it["image_id"])}
+
+    def augment(self, img, joints, vis, center, scale, rng: np.random.Generator):
+        cfg = self.cfg
+        if rng.random() < cfg.shift_prob:  # TopDownRandomShiftBboxCenter
+            center = center + rng.uniform(-1, 1, 2).astype(np.float32) * cfg.shift_factor * scale
+        if rng.random() < cfg.flip_prob:  # TopDownRandomFlip
+            w = img.shape[1]
+            img = img[:, ::-1]
+            joints, vis = joints[self.flip_index], vis[self.flip_index]
+            joints[:, 0] = w - 1 - joints[:, 0]
+            center = np.array([w - 1 - center[0], center[1]], np.float32)
+        if vis.sum() > cfg.half_body_min_joints and rng.random() < cfg.half_body_prob:
+            hb = half_body(joints, vis, rng, cfg.image_size[0] / cfg.image_size[1])
+            if hb is not None:
+                center, scale = hb
+        s = np.clip(rng.standard_normal() * cfg.scale_factor + 1, 1 - cfg.scale_factor, 1 + cfg.scale_factor)
+        r = float(np.clip(rng.standard_normal() * cfg.rot_factor, -2 * cfg.rot_factor, 2 * cfg.rot_factor))
+        rot = r if rng.random() <= cfg.rot_prob else 0.0
+        return np.ascontiguousarray(img), joints, vis, center, scale * s, rot
+
+
+def half_body(joints: np.ndarray, vis: np.ndarray, rng: np.random.Generator, aspect: float):
+    """mmpose TopDownHalfBodyTransform: box around the visible upper or lower body joints, padded 1.5."""
+    upper = [j for j in range(len(joints)) if vis[j] > 0 and j in UPPER_BODY]
+    lower = [j for j in range(len(joints)) if vis[j] > 0 and j not in UPPER_BODY]
+    sel = upper if (rng.random() < 0.5 and len(upper) > 2) else (lower if len(lower) > 2 else upper)
+    if len(sel) < 2:
+        return None
+    pts = joints[sel]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    center = pts.mean(axis=0).astype(np.float32)
+    w, h = hi - lo
+    if w > aspect * h:
+        h = w / aspect
+    else:
+        w = h * aspect
+    return center, np.array([w, h], np.float32) * 1.5
+
+
+
+COCO_SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+                 (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+
+
+def draw_poses(img: np.ndarray, poses: list[np.ndarray], thr: float = 0.3) -> np.ndarray:
+    """(H, W, 3) uint8 with the skeletons of `poses` ((J, 3): x, y, score; joints scoring > thr) drawn on it."""
+    from PIL import ImageDraw
+
+    im = Image.fromarray(img)
+    draw = ImageDraw.Draw(im)
+    r = max(2, round(max(img.shape[:2]) / 200))
+    for pose in poses:
+        for a, b in COCO_SKELETON:
+            if pose[a, 2] > thr and pose[b, 2] > thr:
+                draw.line([tuple(pose[a, :2]), tuple(pose[b, :2])], fill=(0, 255, 0) if a % 2 else (255, 128, 0), width=r)
+        for x, y, s in pose:
+            if s > thr:
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 0, 0))
+    return np.asarray(im)
