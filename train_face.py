@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lib.checkpoint import find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
 from lib.config import RunConfig, parse_config
-from lib.data.common import EpochSampler, kfold_indices
+from lib.data.common import EpochSampler, kfold_indices, make_loader
 from lib.data.face import (FaceDataConfig, IdentityFolder, ImageList, PKSampler, build_mixup, build_transform,
                            lfw_identities, make_pairs, read_pairs, scan_identities)
 from lib.logging import RunLog
@@ -106,8 +105,8 @@ def pair_loader(pairs, cfg: FaceConfig, accelerator):
     paths = sorted({p for _, a, b in pairs for p in (a, b)})
     pos = {p: i for i, p in enumerate(paths)}
     ds = ImageList(paths, build_transform(cfg.data, train=False))
-    loader = DataLoader(ds, cfg.eval.batch_size, sampler=EpochSampler(len(ds), shuffle=False),
-                        num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
+    loader = make_loader(ds, cfg.eval.batch_size, shuffle=False, num_workers=cfg.train.num_workers,
+                         pin_memory=accelerator.device.type == "cuda")
     index = torch.tensor([[pos[a], pos[b]] for _, a, b in pairs])
     return accelerator.prepare_data_loader(loader), index
 
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     shared = {p.parent.name for _, a, b in val_pairs for p in (a, b)} & set(train_ds.classes)
     if shared:
         log.info(f"warning: {len(shared)} validation identities are also train identities (e.g. {min(shared)})")
-    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda",
-                     persistent_workers=cfg.train.num_workers > 0)
+    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
     if d.sampler == "pk":
         sampler = PKSampler(train_ds.labels, d.classes_per_batch, d.images_per_class, accelerator.num_processes,
                             cfg.seed)
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(sampler) < cfg.train.batch_size * accelerator.num_processes:
         raise UserError(f"train set has {len(train_ds)} images, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
-    train_loader = DataLoader(train_ds, cfg.train.batch_size, sampler=sampler, drop_last=True, **loader_kw)
+    train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, sampler=sampler, drop_last=True, **loader_kw)
     mixup = build_mixup(d, num_classes, cfg.loss.label_smoothing)
     log.info(f"data: {len(train_ds)} train images of {num_classes} identities from {d.root} ({d.sampler} sampler, "
              f"batch {cfg.train.batch_size}/process, processes: {accelerator.num_processes}); "

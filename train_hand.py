@@ -31,11 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from lib.checkpoint import find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
 from lib.config import RunConfig, TrainConfig, parse_config
-from lib.data.common import EpochSampler
+from lib.data.common import make_loader
 from lib.data.hand import HandDataConfig, HandDataset, label_stats, make_source, train_val_indices
 from lib.logging import RunLog
 from lib.losses.hand import LossWeights, hand_losses, project
@@ -150,11 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train_ds) < cfg.train.batch_size * accelerator.num_processes:
         raise UserError(f"train set has {len(train_ds)} images, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
-    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda",
-                     persistent_workers=cfg.train.num_workers > 0)
-    train_loader = DataLoader(train_ds, cfg.train.batch_size, sampler=EpochSampler(len(train_ds), True, cfg.seed),
-                              drop_last=True, **loader_kw)
-    val_loader = DataLoader(val_ds, cfg.train.batch_size, sampler=EpochSampler(len(val_ds), shuffle=False), **loader_kw)
+    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
+    train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, **loader_kw)
+    val_loader = make_loader(val_ds, cfg.train.batch_size, shuffle=False, **loader_kw)
     baseline = mean_pose_mpjpe(train_ds, val_ds)
     log.info(f"data: {len(train_ds)} train / {len(val_ds)} val images ({cfg.data.format}, {cfg.data.root}); "
              f"mean-pose baseline MPJPE {baseline:.2f} mm")

@@ -32,12 +32,11 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from lib.checkpoint import find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
 from lib.config import RunConfig, parse_config
 from lib.data.coco import COCO_FLIP_PAIRS, COCO_KEYPOINTS, CocoPoseDataset, PoseDataConfig, draw_poses
-from lib.data.common import EpochSampler, read_image
+from lib.data.common import make_loader, read_image
 from lib.logging import RunLog
 from lib.losses.pose import MaskedTokenDistilLoss, joints_mse, token_importance
 from lib.metrics.pose import decode_heatmaps, evaluate_coco, heatmap_to_image, predict_heatmaps
@@ -161,11 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train_ds) < cfg.train.batch_size * accelerator.num_processes:
         raise UserError(f"train set has {len(train_ds)} persons, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
-    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda",
-                     persistent_workers=cfg.train.num_workers > 0)
-    train_loader = DataLoader(train_ds, cfg.train.batch_size, sampler=EpochSampler(len(train_ds), True, cfg.seed),
-                              drop_last=True, **loader_kw)
-    val_loader = DataLoader(val_ds, cfg.eval.batch_size, sampler=EpochSampler(len(val_ds), shuffle=False), **loader_kw)
+    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
+    train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, **loader_kw)
+    val_loader = make_loader(val_ds, cfg.eval.batch_size, shuffle=False, **loader_kw)
     global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
     # optimizer steps per epoch, as len(prepared train_loader) / grad_accum (accelerate shards the batches)
     steps_per_epoch = math.ceil(math.ceil(len(train_ds) // cfg.train.batch_size / accelerator.num_processes)
