@@ -13,7 +13,6 @@ plus the data pipeline's img/s for one worker (decode + augment) on the bundled 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -21,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, environment, peak_bf16_tflops, print_json,  # noqa: E402
-                          time_train_step)
+from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops,  # noqa: E402
+                          print_json, time_train_step)
 from lib.losses.face import ArcFaceHead  # noqa: E402
 from lib.models.face import FaceModelConfig, FaceNet  # noqa: E402
 
@@ -48,11 +47,7 @@ def data_pipeline_ips(n: int = 8) -> float:
     from lib.data.face import FaceDataConfig, IdentityFolder, build_transform
 
     root = Path(__file__).resolve().parents[1] / "tests" / "data" / "face" / "train"
-    ds = IdentityFolder(root, build_transform(FaceDataConfig(aug="aggressive"), train=True))
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), i // len(ds))]
-    return round(n / (time.perf_counter() - t0), 2)
+    return dataset_ips(IdentityFolder(root, build_transform(FaceDataConfig(aug="aggressive"), train=True)), n)
 
 
 def main():
