@@ -12,15 +12,14 @@ The reference is the same timm backbone with a linear layer on the class token r
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, environment, peak_bf16_tflops, print_json,  # noqa: E402
-                          time_train_step)
+from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops,  # noqa: E402
+                          print_json, time_train_step)
 from lib.models.hand import HandRegressor  # noqa: E402
 
 TINY_BACKBONE = dict(embed_dim=48, depth=1, num_heads=3)
@@ -57,11 +56,7 @@ def data_pipeline_ips(n: int = 8, img_size: int = 224) -> float:
 
     root = Path(__file__).resolve().parents[1] / "tests" / "data" / "hand"
     cfg = HandDataConfig(root=str(root), img_size=img_size)
-    ds = HandDataset(FolderSource(root, "training"), cfg, train=True)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), i // len(ds))]
-    return round(n / (time.perf_counter() - t0), 2)
+    return dataset_ips(HandDataset(FolderSource(root, "training"), cfg, train=True), n)
 
 
 def main():
