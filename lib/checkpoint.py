@@ -160,3 +160,18 @@ def load_weights(model: nn.Module, path: str | Path, convert: Callable[[dict], d
 
 def _short(keys: list, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def eval_members(cfg) -> list[str]:
+    """Which weights `eval_only=true` evaluates, decided before any model is built (one rule, all scripts).
+
+    - `load_from` and/or `ensemble`: exactly those, `load_from` first (several = ensemble + each member);
+    - neither: the model restored by `resume=PATH|auto` (returned as [] = "the resumed model");
+    - none of the three: an error.
+    """
+    members = ([cfg.load_from] if cfg.load_from else []) + list(cfg.ensemble)
+    if not members and not cfg.resume and not getattr(cfg, "baseline", ""):
+        from lib.runtime import UserError
+
+        raise UserError("eval_only=true needs load_from=PATH, ensemble=[...] or resume=PATH")
+    return members

@@ -78,6 +78,13 @@ class TrainConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = 0.0  # exponential moving average of the weights; 0 = off (e.g. 0.9999)
+    start_step: int = 0  # copy the raw weights until this optimizer step, then average
+    eval: bool = True  # also evaluate (and keep best of) the EMA weights
+
+
+@dataclass
 class RunConfig:
     """Top-level fields shared by every training script; scripts subclass it."""
 
@@ -87,6 +94,10 @@ class RunConfig:
     load_from: str = ""  # weights only (fine-tuning / eval): .safetensors, .pth, or a checkpoint folder
     eval_only: bool = False
     ensemble: list[str] = field(default_factory=list)  # eval_only: average predictions of these checkpoints
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run (deletes it)
+    predict: str = ""  # image, folder or glob: write predictions of load_from's model to output_dir/predict
+    export: Literal["", "onnx", "safetensors"] = ""  # write the inference model of load_from to output_dir/export
+    baseline: str = ""  # eval_only: a trivial predictor through the same eval path (seg majority, pose/hand mean_pose, face random)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     tracker: Literal["tensorboard", "wandb", "aim", "mlflow", "none"] = "tensorboard"
     compile: bool = False  # torch.compile the model
@@ -95,6 +106,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 # ----------------------------------------------------------------------------- type checking
