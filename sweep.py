@@ -4,7 +4,7 @@ any training script here (train_seg.py, train_face.py, train_pose.py, train_hand
 Every trial / run is a normal run of the script in its own folder; its metrics.jsonl is read while
 it runs (pruning needs no change to the scripts). Paths are relative to the folder you run from.
 
-Search (Optuna; TPE + Hyperband pruning by default; sweep file keys: lib/sweep.py SweepConfig):
+Search (Optuna; TPE + Hyperband pruning by default; sweep file keys: lib/study.py SweepConfig):
   python sweep.py run configs/sweeps/seg_sample.yaml                    # writes runs/sweeps/seg_sample/
   python sweep.py run configs/sweeps/seg_sample.yaml trials=30          # key=value: sweep-file keys; resumes
   python sweep.py run configs/sweeps/seg_camvid.yaml --workers 4 --gpus 0,1,2,3   # 4 trials at a time
@@ -24,6 +24,10 @@ Folds, seeds, ensembles, tables:
   python sweep.py ensemble --script train_seg.py --config configs/seg/sample.yaml runs/a runs/b [key=value ...]
   python sweep.py report runs/seg_* [--base configs/seg/camvid_b0.yaml] [--metric mIoU] [--out runs/table]
   python sweep.py batch experiments.txt [--workers 2] [key=value ...]    # one script command per line
+
+Controlled comparisons (arms x seeds, paired by seed; experiment-file keys: lib/runs.py CompareConfig):
+  python sweep.py compare configs/compare/toy.yaml [--workers 2]       # writes <out>/compare.md/.csv/.png
+Running it again reuses the finished runs (same arguments) and re-runs failed or changed ones.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ import yaml
 from optuna.trial import TrialState
 
 from lib.config import ConfigError, load_yaml
-from lib.sweep import (HOST, SweepConfig, SweepError, atomic_write, ensemble_eval, fail_stale, find_runs,
-                       group_table, is_number, launcher_cmd, load_sweep, lower_is_better, make_sampler,
-                       mark_interrupted, markdown_table, mean_std_rows, n_counted, n_target, open_study, override,
-                       read_metrics, report_table, run_pool, run_status, run_watched, say, script_cmd, split_gpus,
-                       suggest, sweep_lock, worker_env, write_summary, write_table)
+from lib.runs import (HOST, SweepError, atomic_write, compare_jobs, ensemble_eval, find_runs, finished_with, group_table,
+                      is_number, launcher_cmd, load_compare, markdown_table, mean_std_rows, override, report_table,
+                      run_pool, run_status, run_watched, say, script_cmd, split_gpus, summarize_run, worker_env,
+                      write_compare, write_table)
+from lib.study import (SweepConfig, fail_stale, load_sweep, make_sampler, mark_interrupted, n_counted, n_target,
+                       open_study, suggest, sweep_lock, write_summary)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -56,7 +61,7 @@ def worker_loop(cfg: SweepConfig, sweep_dir: Path, worker: int | None, plots: bo
     env = worker_env(None, cfg.workers)
     check_seed = worker is None
     while True:
-        with sweep_lock(sweep_dir):
+        with sweep_lock(sweep_dir, cfg):  # (an RDB storage: also locked in the database, across machines)
             if "script" not in study.user_attrs:  # a new study
                 for k in ("script", "config", "metric", "direction", "use"):
                     study.set_user_attr(k, getattr(cfg, k))
@@ -91,6 +96,7 @@ def run_trial(study, trial, params: dict, cfg: SweepConfig, sweep_dir: Path, run
     values: list[tuple[int, float]] = []  # (step, metric) of each evaluation
     bad: list = []  # steps with a NaN/inf metric
     beat = [time.time(), None]
+    every, checks = cfg.pruner.check_every_epochs, [0]  # checks[0]: N-epoch blocks the pruner has seen
 
     def on_record(rec: dict, running: bool) -> str | None:
         if cfg.metric not in rec:
@@ -101,9 +107,19 @@ def run_trial(study, trial, params: dict, cfg: SweepConfig, sweep_dir: Path, run
             return "non-finite"
         step = rec.get("step", len(values) + 1)
         values.append((step, float(v)))
-        trial.report(float(v), len(values))  # resource unit: one evaluation
+        if every:  # resource unit: N epochs, from the epoch the script logs with each evaluation
+            if not is_number(rec.get("epoch")):
+                return (f"config error: pruner.check_every_epochs needs an 'epoch' in each {cfg.metric} record "
+                        f"of metrics.jsonl ({cfg.script} logs none); or count in evaluations")
+            block = math.floor(rec["epoch"] / every + 1e-9)
+            if block <= checks[0]:
+                return None
+            checks[0] = resource = block
+        else:
+            resource = len(values)  # resource unit: one evaluation
+        trial.report(float(v), resource)
         prune = trial.should_prune()  # (also records the trial's rung)
-        return "pruned" if prune and running and step < total_steps(run_dir) else None  # not at the end
+        return "pruned" if prune and running and not at_end(run_dir, rec) else None  # not at the end
 
     def on_tick(proc) -> None:
         if beat[1] is None:
@@ -116,7 +132,7 @@ def run_trial(study, trial, params: dict, cfg: SweepConfig, sweep_dir: Path, run
     try:
         info = run_watched(cmd, run_dir, env, on_record, on_tick, cfg.poll_s, cfg.trial_timeout_s)
     except BaseException:
-        with sweep_lock(sweep_dir):
+        with sweep_lock(sweep_dir, cfg):
             mark_interrupted(study, trial.number, params)
         raise
     trial.set_user_attr("seconds", info["seconds"])
@@ -136,6 +152,8 @@ def run_trial(study, trial, params: dict, cfg: SweepConfig, sweep_dir: Path, run
         if bad:
             error = f"non-finite {cfg.metric} at step {bad[0]}"
         elif info["status"] == "ok":
+            from lib.logging import read_metrics  # (imports torch: only here)
+
             keys = sorted({k for r in read_metrics(run_dir) for k in r})
             error = f"no '{cfg.metric}' in {run_dir}/metrics.jsonl (keys: {', '.join(keys) or 'no records'})"
         else:
@@ -148,12 +166,15 @@ def run_trial(study, trial, params: dict, cfg: SweepConfig, sweep_dir: Path, run
     return state, error
 
 
-def total_steps(run_dir: Path) -> float:
-    """train.total_steps from the config.yaml the script wrote (inf if unknown)."""
+def at_end(run_dir: Path, rec: dict) -> bool:
+    """Is this evaluation the run's last? Compares its step (or epoch, when the run's train.unit is
+    epoch) with train.total_steps of the config.yaml the script wrote (False if unknown)."""
     try:
-        return float(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"])
+        train = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+        pos = rec.get("epoch") if train.get("unit") == "epoch" else rec.get("step")
+        return pos is not None and float(pos) >= float(train["total_steps"]) - 1e-9
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
-        return math.inf
+        return False
 
 
 def spawn_workers(args, overrides: list[str], n: int, gpus: list[int]) -> None:
@@ -194,6 +215,9 @@ def run_group(launcher: str, script: str, config: str, overrides: list[str], out
         say(f"{len(jobs) - len(todo)} runs already finished in {out} (--rerun to repeat them)")
     run_pool(todo, workers, gpus, log=say)
     runs = [d for _, d in jobs]
+    errors = [run_status(d).get("error", "") for d in runs]
+    if folds and all("unknown config key 'data.fold" in e for e in errors):
+        raise SweepError(f"{script} has no data.folds / data.fold config keys, which k-fold runs set ({errors[0]})")
     ok = [d for d in runs if run_status(d).get("status") == "ok"]
     kind = "folds" if folds else "seeds"
     cols, rows = group_table(ok)
@@ -286,17 +310,34 @@ def cmd_report(args, overrides: list[str]) -> int:
         b = Path(args.base)
         b = b / "config.yaml" if b.is_dir() else b
         base = load_yaml(b)
-    cols, rows = report_table(runs, base, args.metric, args.mode)
-    if args.sort and rows:  # best first, by the first key metric
-        j = next(i for i, c in enumerate(cols) if c.endswith(" (best)"))
-        sign = 1 if args.mode == "min" or (not args.mode and lower_is_better(cols[j][:-7])) else -1
-        rows.sort(key=lambda r: sign * r[j] if is_number(r[j]) else math.inf)
+    cols, rows = report_table(runs, base, args.metric, args.mode, sort=args.sort)
     if args.out:
         say(write_table(cols, rows, Path(args.out), f"{len(rows)} runs"))
         say(f"written: {args.out}.md, {args.out}.csv")
     else:
         say(markdown_table(cols, rows))
     return 0
+
+
+def cmd_compare(args, overrides: list[str]) -> int:
+    """Arms x seeds (+ trivial rows) of an experiment file; finished runs with the same arguments are
+    reused, failed / changed ones run again; then compare.md / .csv / .png in the output folder."""
+    cfg, out = load_compare(args.experiment, overrides)
+    jobs = compare_jobs(cfg, out)
+    todo = [(cmd, d) for _, _, cmd, d in jobs if args.rerun or not finished_with(d, cmd, cfg.script)]
+    say(f"compare {args.experiment}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds + {len(cfg.trivial)} trivial "
+        f"-> {out}; {len(jobs) - len(todo)} of {len(jobs)} runs finished already")
+    run_pool(todo, args.workers or cfg.workers, _gpus(args.gpus) or cfg.gpus, log=say)
+    first = next((summarize_run(d) for _, _, _, d in jobs if run_status(d).get("status") == "ok"), None)
+    if first is None:
+        raise SweepError(f"no run of {args.experiment} finished; see the console.log files under {out}")
+    metric = cfg.metric or first["metric"]
+    mode = cfg.mode or first["mode"]
+    if not metric:
+        raise SweepError(f"no key metric: set 'metric' in {args.experiment} (the runs' train.best_metric is empty)")
+    say(write_compare(cfg, out, jobs, metric, mode, title=f"{Path(args.experiment).stem}: {cfg.script}"))
+    say(f"written: {out}/compare.md, compare.csv, compare_runs.csv, compare.png")
+    return 0 if all(run_status(d).get("status") == "ok" for _, _, _, d in jobs) else 1
 
 
 def cmd_batch(args, overrides: list[str]) -> int:
@@ -394,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", action="store_true", help="best first (by the key metric)")
     p.add_argument("--out", help="write OUT.md and OUT.csv")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare", help="arms x seeds of an experiment file: mean +- std, paired difference to the "
+                                       "baseline arm with a 95%% interval, curves")
+    p.add_argument("experiment", help="experiment file (YAML), e.g. configs/compare/hand.yaml; keys: lib/runs.py "
+                                      "CompareConfig")
+    p.add_argument("--rerun", action="store_true", help="repeat finished runs")
+    pool_args(p)
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("batch", help="run a list of script commands one after another (or --workers at a time)")
     p.add_argument("list", help="text file: one '[launcher] train_X.py --config F [key=value ...]' per line")
     p.add_argument("--out", help="folder of runs without output_dir= (default runs/batch/<list name>)")

@@ -3,12 +3,16 @@
     log = RunLog(accelerator, run_dir, total_steps, start_step, log_interval)
     log.train_step(step, {"loss_ce": l1, "loss_kd": l2}, lr=..., images=global_batch)  # every step
     log.eval(step, {"mIoU": 71.2, ...})                                             # each evaluation
-A non-finite loss raises NonFiniteLossError naming the step and the loss.
+    log.resumed(step, ckpt)       # after load_checkpoint: drops records after `step`, marks log.txt
+    log.interrupted(step, path)   # after the Ctrl-C checkpoint: one line saying how to continue
+A non-finite loss raises NonFiniteLossError naming the step and the loss. The notes of setup_run
+(effective mixed precision, overrides, world-size warning) are printed first.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,8 +21,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+from lib.errors import UserError
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A NaN / inf loss: the message names the step and the loss term."""
+
+
+def fmt(v: float) -> str:
+    """A number that stays readable at any size: 0.1234, 12.35, 1.5e-05 (never 0.0000 for a small term)."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:.4g}"
+    return f"{v:.4f}" if 1e-2 <= abs(v) < 1e4 else f"{v:.4g}"
+
+
+def make_console() -> Console:
+    """rich console; without a terminal (a file, a pipe, a job log) lines are never wrapped at 80 columns."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200, soft_wrap=True)
+    return console
 
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
@@ -37,7 +59,7 @@ class RunLog:
         self.main = accelerator.is_main_process
         self.run_dir = Path(run_dir)
         self.total, self.log_interval, self.check_losses = total_steps, max(log_interval, 1), check_losses
-        self.console = Console(highlight=False)
+        self.console = make_console()
         self._sums: dict[str, torch.Tensor] = {}
         self._n, self._images, self._t = 0, 0, time.perf_counter()
         self.progress = None
@@ -49,6 +71,26 @@ class RunLog:
                                      console=self.console, transient=False, disable=not self.console.is_terminal)
             self.progress.start()
             self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+        for note in getattr(accelerator, "run_notes", []):
+            self.info(note)
+
+    def resumed(self, step: int, path: str | Path) -> None:
+        """After a resume from checkpoint `path` at `step`: train.jsonl / metrics.jsonl keep only records up
+        to `step` (the steps after it are redone) and log.txt gets a "resumed at step N" mark."""
+        from lib.runtime import truncate_records
+
+        if self.main:
+            truncate_records(self.run_dir, step)
+            if self.progress is not None:
+                self.progress.update(self.task, completed=step)
+        self.info(f"---- resumed at step {step} from {path} (records after step {step} dropped)")
+
+    def interrupted(self, step: int, path: str | Path) -> None:
+        """The one line after a Ctrl-C / SIGTERM stop (the checkpoint at `path` is already written)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self.info(f"interrupted at step {step}; checkpoint saved to {path}; continue with resume=auto")
 
     def info(self, msg: str) -> None:
         if self.main:
@@ -59,6 +101,9 @@ class RunLog:
     def train_step(self, step: int, losses: dict[str, torch.Tensor], lr: float, images: int,
                    extra: dict[str, float] | None = None) -> None:
         """Record the losses of optimizer step `step` (1-based); print/log every log_interval steps."""
+        from lib.runtime import _state
+
+        _state["started"] = True
         if self.check_losses:
             check_finite(losses, step)
         for k, v in losses.items():
@@ -76,11 +121,11 @@ class RunLog:
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         eta = (self.total - step) * dt / self._n
         fields = {"lr": lr, **means, **(extra or {}), "img/s": ips}
-        line = (f"step {step}/{self.total}  lr {lr:.3e}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items())
+        line = (f"step {step}/{self.total}  lr {lr:.3e}  " + "  ".join(f"{k} {fmt(v)}" for k, v in means.items())
+                + "".join(f"  {k} {fmt(v)}" for k, v in (extra or {}).items())
                 + f"  img/s {ips:.1f}" + (f"  mem {mem:.2f}GB" if mem else "") + f"  eta {_fmt_time(eta)}")
         if self.progress is not None and self.progress.console.is_terminal:
-            self.progress.update(self.task, description=f"lr {lr:.2e} " + " ".join(f"{k} {v:.3f}" for k, v in means.items()) + f" {ips:.0f} img/s")
+            self.progress.update(self.task, description=f"lr {lr:.2e} " + " ".join(f"{k} {v:.3g}" for k, v in means.items()) + f" {ips:.0f} img/s")
             self._log_file.write(line + "\n")
             self._log_file.flush()
         else:
@@ -96,12 +141,15 @@ class RunLog:
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.info(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            self.info(f"eval @ step {step}: " + "  ".join(f"{k} {fmt(v)}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in metrics.items() if isinstance(v, (int, float))))
             plot_curves(self.run_dir)
         self.acc.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
+        from lib.runtime import restore_stop_handlers
+
+        restore_stop_handlers()
         if self.progress is not None:
             self.progress.stop()
         if self.main:
@@ -139,13 +187,18 @@ def plot_curves(run_dir: str | Path) -> None:
         keys = [k for k in rows[-1] if k != "step" and isinstance(rows[-1][k], (int, float)) and k != "img/s"]
         if not keys:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-        for ax, k in zip(axes[0], keys):
+        ncols = min(len(keys), 4)  # a grid, at most 4 panels per row
+        nrows = math.ceil(len(keys) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        for ax, k in zip(axes.flat, keys):
             pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
             ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
-        fig.subplots_adjust(left=0.25 / len(keys), right=1 - 0.05 / len(keys), bottom=0.18, top=0.88, wspace=0.45)
+        fig.subplots_adjust(left=0.25 / ncols, right=1 - 0.05 / ncols, bottom=0.18 / nrows, top=1 - 0.12 / nrows,
+                            wspace=0.45, hspace=0.55)
         fig.savefig(run_dir / dst, dpi=72)
         plt.close(fig)

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lib.config import ConfigError, RunConfig, build_config, load_yaml, parse_config, to_dict
+from lib.config import ConfigError, RunConfig, TrainConfig, build_config, load_yaml, parse_config, to_dict
 
 
 @dataclass
@@ -65,3 +65,35 @@ def test_help_lists_fields(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "optim.lr" in out and "sub.size" in out and "= 0.001" in out
+
+
+@dataclass
+class Term:
+    weight: float = 0.0
+    temperature: float = 1.0
+
+
+@dataclass
+class NestedCfg(RunConfig):
+    kl: Term = field(default_factory=lambda: Term(temperature=4.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="mpjpe", best_mode="min"))
+
+
+def test_nested_default_factory_values_survive_partial_sections():
+    cfg = build_config(NestedCfg, {"kl": {"weight": 1.0}, "train": {"total_steps": 5}})
+    assert (cfg.kl.weight, cfg.kl.temperature) == (1.0, 4.0)
+    assert (cfg.train.total_steps, cfg.train.best_metric, cfg.train.best_mode) == (5, "mpjpe", "min")
+    cfg = build_config(NestedCfg, {}, ["kl.weight=2", "train.batch_size=2"])
+    assert (cfg.kl.temperature, cfg.train.best_metric, cfg.train.batch_size) == (4.0, "mpjpe", 2)
+
+
+def test_string_keys_keep_command_line_text_and_yaml_booleans_map_to_choices():
+    cfg = build_config(RunConfig, {"tracker": "none"}, ["mixed_precision=no", "baseline=yes", "resume=auto"])
+    assert (cfg.mixed_precision, cfg.baseline, cfg.resume) == ("no", "yes", "auto")
+    assert build_config(RunConfig, {"mixed_precision": False}).mixed_precision == "no"  # YAML `mixed_precision: no`
+    assert build_config(RunConfig, {}, ["export='onnx'"]).export == "onnx"
+
+
+def test_accelerate_settings_default_unset():
+    cfg = RunConfig()
+    assert cfg.mixed_precision == "" and cfg.train.grad_accum_steps == 0

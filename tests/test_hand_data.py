@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 
 from lib.data.common import DataError
 from lib.data.hand import (FolderSource, HandAugConfig, HandDataConfig, HandDataset, Hand3DSource, ShardSource,
-                           is_right_hand, label_stats, project, train_val_indices)
+                           is_right_hand, label_stats, mean_pose, project, split_indices, train_val_indices)
 from lib.data.make_shards import write_shards
 from tests.conftest import ROOT, shared_path
 
@@ -77,6 +77,7 @@ def test_rotation_rotates_2d_and_3d_alike():
 
 
 def _folder_with_mano(tmp_path, is_right: bool):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for f in ["training_K.json", "training_xyz.json"]:
         shutil.copy(SAMPLE / f, tmp_path / f)
     (tmp_path / "training").mkdir()
@@ -122,6 +123,37 @@ def test_train_val_indices_tail_and_random():
     assert train_val_indices(583, dataclasses.replace(cfg, val_seed=1))[1] != va2
     with pytest.raises(DataError, match="val_count"):
         train_val_indices(10, HandDataConfig(val_count=10))
+
+
+def test_split_indices_folds_and_val_seed():
+    """data.folds / data.fold (sweep.py --folds): k-fold over the training samples left after the hold-out,
+    seeded by val_seed like the random hold-out; the held-out set stays out of every fold."""
+    hold = HandDataConfig(val_count=103)
+    assert split_indices(583, hold) == train_val_indices(583, hold)
+    assert split_indices(12, HandDataConfig()) == (list(range(12)), None)  # val from data.val_split
+    folds = [split_indices(583, dataclasses.replace(hold, folds=4, fold=i)) for i in range(4)]
+    vals = [set(v) for _, v in folds]
+    assert sorted(set().union(*vals)) == list(range(480)) and sum(map(len, vals)) == 480  # each sample once
+    assert all(set(t) | v == set(range(480)) and not set(t) & v for (t, _), v in zip(folds, vals))
+    other_seed = split_indices(583, dataclasses.replace(hold, folds=4, fold=0, val_seed=1))[1]
+    assert set(other_seed) != vals[0]
+    with pytest.raises(DataError, match="data.folds"):
+        split_indices(583, dataclasses.replace(hold, folds=4, fold=4))
+
+
+def test_mean_pose_right_hand_frame_from_labels():
+    ds = _ds(train=False)
+    xyz = np.array(json.loads((SAMPLE / "training_xyz.json").read_text()))
+    assert np.allclose(mean_pose(ds), (xyz - xyz[:, :1]).mean(0) * [-1, 1, 1])  # left hands, mirrored
+    assert not any(ds.is_right(i) for i in range(len(ds)))
+
+
+def test_folder_and_shards_read_mano_labels(tmp_path):
+    root = _folder_with_mano(tmp_path / "f", False)
+    assert FolderSource(root, "training").has_mano and not FolderSource(SAMPLE, "training").has_mano
+    write_shards(FolderSource(root, "training"), tmp_path / "wds", "training", maxcount=6)
+    shards = ShardSource(tmp_path / "wds", "training")
+    assert shards.has_mano and np.allclose(shards.meta(3)["mano"][:3], [0.4, -0.2, 0.9])
 
 
 def test_webdataset_round_trip(tmp_path):

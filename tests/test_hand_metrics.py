@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.metrics.hand import mpjpe, pa_mpjpe, save_overlay, summarize
+from lib.metrics.hand import LEGEND_HEIGHT, fluctuation, mpjpe, pa_mpjpe, save_overlay, summarize
 
 
 def _skeleton(seed: int = 0) -> torch.Tensor:
@@ -58,6 +58,17 @@ def test_overlay_png_draws_keypoints(tmp_path):
     pred = torch.full((3, 21, 2), -0.25)  # all joints at (8, 8) of 32
     save_overlay(tmp_path / "vis.png", imgs, gt, pred, cols=2, scale=2)
     arr = np.array(Image.open(tmp_path / "vis.png"))
-    assert arr.shape == (2 * 64, 2 * 64, 3)
+    assert arr.shape == (2 * 64 + LEGEND_HEIGHT, 2 * 64, 3)  # 2 x 2 tiles + the legend strip
     assert tuple(arr[32, 32]) == (0, 255, 0) and tuple(arr[16, 16]) == (255, 0, 0)
-    assert arr[64:, 64:].max() == 0  # the empty fourth tile
+    assert arr[64:128, 64:].max() == 0  # the empty fourth tile
+    legend = arr[128:]
+    assert tuple(legend[8, 8]) == (255, 0, 0)  # "prediction" swatch ...
+    assert (legend == (0, 255, 0)).all(-1).sum() >= 81  # ... and a 9 x 9 "truth" swatch
+    save_overlay(tmp_path / "pred.png", imgs[:1], None, pred[:1], cols=1, scale=2)  # no labels: no truth swatch
+    arr = np.array(Image.open(tmp_path / "pred.png"))
+    assert arr.shape == (64 + LEGEND_HEIGHT, 64, 3) and not (arr == (0, 255, 0)).all(-1).any()
+
+
+def test_fluctuation_is_std_over_evaluations():
+    assert fluctuation([40.0]) == 0.0
+    assert fluctuation([40.0, 42.0, 44.0]) == np.std([40.0, 42.0, 44.0]) == math.sqrt(8 / 3)

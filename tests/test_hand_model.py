@@ -11,10 +11,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
-from lib.checkpoint import WeightFileError, load_weights
+from lib.checkpoint import load_weights
 from lib.config import OptimConfig
-from lib.models.hand import (MANO_TIPS, MANO_TO_OURS, HandRegressor, ManoLayer, axis_angle_to_rotmat,
-                             convert_state_dict, layer_decay_groups, rot6d_to_rotmat)
+from lib.errors import ModelError, UserError
+from lib.geometry import axis_angle_to_rotmat, rot6d_to_rotmat
+from lib.models.hand import MANO_TIPS, MANO_TO_OURS, HandRegressor, ManoLayer, convert_state_dict
+from lib.optim import param_groups
+from tests.conftest import ROOT
 
 SMALL = dict(embed_dim=48, depth=2, num_heads=3)
 HEAD = dict(dim=32, depth=1, heads=2, dim_head=16, mlp_dim=32)
@@ -87,16 +90,24 @@ def test_hub_layout_round_trip(swiglu, tmp_path):
         assert torch.equal(dst.backbone.state_dict()[k], v), k
 
 
-def test_unknown_layout_is_a_weight_file_error(tmp_path):
+def test_unknown_layout_is_a_one_line_user_error(tmp_path):
+    with pytest.raises(ModelError, match="unrecognised DINOv2 weight layout"):
+        convert_state_dict({"foo.weight": torch.zeros(3)})
     save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
-    with pytest.raises(WeightFileError, match="unrecognised DINOv2 weight layout"):
+    with pytest.raises(UserError, match="x.safetensors: unrecognised DINOv2 weight layout"):
         load_weights(_ours(False, 28), tmp_path / "x.safetensors", convert_state_dict)
 
 
+def _layer_decay_groups(model, cfg, layer_decay):
+    return param_groups(model, cfg, model.head_prefixes, layer_id=model.layer_id, layer_decay=layer_decay,
+                        num_layers=model.num_layers)
+
+
 def test_layer_decay_groups_lrs():
+    """lib.optim.param_groups with the model's layer ids (the model file holds no optimizer code)."""
     model = _ours(False, 28)
     cfg = OptimConfig(lr=1.0, head_lr_mult=1.0, backbone_lr_mult=0.1)
-    groups = layer_decay_groups(model, cfg, layer_decay=0.5)
+    groups = _layer_decay_groups(model, cfg, layer_decay=0.5)
     lr_of = {}
     for g in groups:
         for p in g["params"]:
@@ -109,7 +120,18 @@ def test_layer_decay_groups_lrs():
     assert lr_of[id(named["backbone.norm.weight"])] == pytest.approx(0.1)
     assert lr_of[id(named["head.dec.joints.weight"])] == pytest.approx(1.0)
     assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)  # every param exactly once
-    assert len(layer_decay_groups(model, cfg, 1.0)) == 4  # off: lib.optim.param_groups
+    assert len(_layer_decay_groups(model, cfg, 1.0)) == 4  # off: lib.optim.param_groups unchanged
+    plain = param_groups(model, cfg, model.head_prefixes)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in plain] == \
+        [(g["name"], g["lr"], len(g["params"])) for g in _layer_decay_groups(model, cfg, 1.0)]
+    assert model.num_layers == 3 and model.layer_id("backbone.cls_token") == 0
+
+
+def test_model_file_imports_no_training_code():
+    src = (ROOT / "lib" / "models" / "hand.py").read_text()
+    assert not re.search(r"^from lib\.(optim|schedules|config|checkpoint|losses)", src, re.M)
+    assert "import lib.models" not in (ROOT / "lib" / "losses" / "hand.py").read_text()
+    assert "lib.models" not in (ROOT / "lib" / "losses" / "hand.py").read_text()
 
 
 def test_grad_checkpointing_same_output_and_grads():
@@ -179,5 +201,5 @@ def test_model_with_mano_takes_joints_from_mano(tmp_path):
     assert "joints" not in model.head.dec
     out = model(torch.randn(2, 3, 28, 28), torch.tensor([1, 1]))
     assert out["joints"].shape == (2, 21, 3) and out["joints"][:, 0].abs().max() == 0  # wrist-relative
-    with pytest.raises(WeightFileError, match="MANO file not found"):
+    with pytest.raises(ModelError, match="MANO file not found"):
         ManoLayer(tmp_path / "missing.pkl")

@@ -1,6 +1,9 @@
 """Progressive dropout of the hand head: p = 0 until `dropout_warmup_step`, then `dropout` (or a ramp).
 
-Also runnable as `python -m tests.test_progressive_dropout` (prints the checked values).
+The schedule is computed by train_hand.py (`dropout_at`, a lib.schedules hold / linear warm-up) and
+only applied by the model (`model.set_dropout(p)`). Also runnable as
+`python -m tests.test_progressive_dropout`: prints the plan's three checks (schedule function,
+model interface, every dropout layer updated) with PASS / FAIL and the values seen.
 """
 
 from __future__ import annotations
@@ -8,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.models.hand import Attention, HandRegressor, dropout_at
+from lib.models.hand import Attention, HandRegressor
+from train_hand import dropout_at
 
 TINY = dict(img_size=28, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64,
             backbone_overrides=dict(embed_dim=48, depth=1, num_heads=3))
@@ -64,12 +68,30 @@ def test_eval_mode_ignores_dropout_train_mode_applies_it():
     assert torch.allclose(model(x, right)["joints"], ref, atol=1e-6)  # train with p = 0 is the eval output
 
 
+def _check(name: str, fn, detail: str) -> bool:
+    try:
+        fn()
+        ok = True
+    except AssertionError as e:
+        ok, detail = False, f"{detail}: {e}"
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    return ok
+
+
 if __name__ == "__main__":
-    print(f"p at step 0, 9999, 10000 (warm-up 10000, p 0.1): "
-          f"{dropout_at(0, 0.1, 10000)}, {dropout_at(9999, 0.1, 10000)}, {dropout_at(10000, 0.1, 10000)}")
-    print(f"linear ramp at 0, 5000, 10000: {dropout_at(0, 0.1, 10000, 'linear')}, "
-          f"{dropout_at(5000, 0.1, 10000, 'linear')}, {dropout_at(10000, 0.1, 10000, 'linear')}")
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            fn()
-            print(f"ok  {name}")
+    m = _model()
+    n_drop = sum(isinstance(x, nn.Dropout) for x in m.head.modules())
+    n_attn = sum(isinstance(x, Attention) for x in m.head.modules())
+    results = [
+        _check("schedule function", lambda: (test_step_schedule_before_and_after_warmup(), test_linear_ramp()),
+               f"dropout_at(step, 0.1, 10000) at steps 0 / 9999 / 10000 = {dropout_at(0, 0.1, 10000)} / "
+               f"{dropout_at(9999, 0.1, 10000)} / {dropout_at(10000, 0.1, 10000)}; linear ramp at 5000 = "
+               f"{dropout_at(5000, 0.1, 10000, 'linear'):.3f}"),
+        _check("model interface", test_eval_mode_ignores_dropout_train_mode_applies_it,
+               "model.set_dropout(p) exists; eval mode ignores p, train mode with p = 0.5 changes the output, "
+               "p = 0 gives the eval output"),
+        _check("every dropout layer updated", test_set_dropout_reaches_every_head_dropout_and_not_the_backbone,
+               f"set_dropout(0.3) reaches all {n_drop} nn.Dropout and {n_attn} attention-dropout layers of the head, "
+               "none of the backbone"),
+    ]
+    raise SystemExit(0 if all(results) else 1)

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 
 import sweep
 from lib.data.common import kfold_indices
-from lib.sweep import HOST, load_sweep, n_counted, open_study, report_table
+from lib.runs import HOST, report_table
+from lib.study import load_sweep, n_counted, open_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "tests" / "toy_train.py")
@@ -297,3 +298,70 @@ def test_train_seg_ensemble_of_two_identical_checkpoints(tmp_path, monkeypatch):
     rows = read_csv(out / "ensemble.csv")
     assert [r["model"].split()[0] for r in rows] == ["ensemble", "member0", "member1"]
     assert float(rows[0]["mIoU"]) == float(rows[1]["mIoU"]) == rec["mIoU"]
+
+
+EPOCH_SCRIPT = '''
+import json, sys
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run = Path(args["output_dir"]); run.mkdir(parents=True, exist_ok=True)
+(run / "config.yaml").write_text("train: {unit: epoch, total_steps: 3, best_metric: score, best_mode: max}\\n")
+x = float(args["toy.x"])
+with open(run / "metrics.jsonl", "a") as f:  # 4 optimizer steps per epoch, evaluated every 2 steps
+    for step in range(2, 13, 2):
+        f.write(json.dumps({"step": step, "epoch": step / 4, "score": -x * x + step}) + "\\n")
+'''
+
+
+def test_pruner_checks_every_n_epochs(tmp_path):
+    (tmp_path / "fake.py").write_text(EPOCH_SCRIPT)
+    path = make_sweep(tmp_path, script=str(tmp_path / "fake.py"), trials=1, enqueue=[{"toy.x": 1.0}],
+                      pruner={"name": "sha", "min_resource": 1, "check_every_epochs": 1})
+    assert sweep.main(["run", str(path)]) == 0
+    (trial,) = study_of(path).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == -1.0 + 12
+    # the pruner saw the evaluations at epochs 1, 2, 3 (steps 4, 8, 12), resource = epochs / 1
+    assert trial.intermediate_values == {1: 3.0, 2: 7.0, 3: 11.0}
+    path = make_sweep(tmp_path, script=str(tmp_path / "fake.py"), trials=1, enqueue=[{"toy.x": 1.0}],
+                      pruner={"name": "sha", "check_every_epochs": 2}, output_dir=str(tmp_path / "s2"))
+    assert sweep.main(["run", str(path)]) == 0
+    assert study_of(path).get_trials()[0].intermediate_values == {1: 7.0}  # epoch 2 only (epoch 4 never comes)
+
+
+def test_sweep_files_parse_and_the_plan_space_reaches_the_script(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for f in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
+        cfg, _ = load_sweep(f)
+        assert cfg.space and cfg.metric, f
+    cfg, out = load_sweep(ROOT / "configs" / "sweeps" / "face_plan.yaml")
+    assert (cfg.sampler.name, cfg.pruner.name, cfg.pruner.check_every_epochs, cfg.workers) == ("tpe", "hyperband", 2, 8)
+    assert cfg.space["sched.t_max"] == {"type": "categorical", "choices": [10, 20, 30]}
+    assert cfg.space["sched.eta_min"]["log"] and set(cfg.space) == {"optim.lr", "optim.weight_decay",
+                                                                    "sched.t_max", "sched.eta_min"}
+    import train_face
+    from lib.config import build_config, load_yaml
+    from lib.runs import override
+
+    params = cfg.enqueue[0]
+    face = build_config(train_face.FaceConfig, load_yaml(cfg.config),
+                        [*cfg.overrides, *[override(k, v) for k, v in params.items()]])
+    assert (face.train.unit, face.sched.t_max, face.sched.eta_min, face.optim.lr) == ("epoch", 20, 1e-5, 3e-3)
+
+
+@pytest.mark.parametrize("script,cls", [("train_seg.py", "SegConfig"), ("train_face.py", "FaceConfig"),
+                                        ("train_pose.py", "PoseConfig"), ("train_hand.py", "HandConfig")])
+def test_apply_best_folds_overrides_parse_for_every_script(script, cls, monkeypatch):
+    """apply-best --folds k runs each fold with data.folds=k data.fold=i and the ensemble with data.folds=0."""
+    import importlib
+
+    from lib.config import build_config, load_yaml
+    from lib.runs import ensemble_overrides
+
+    monkeypatch.chdir(ROOT)
+    config_cls = getattr(importlib.import_module(script[:-3]), cls)
+    sample = load_yaml(ROOT / "configs" / script[6:-3] / "sample.yaml")
+    cfg = build_config(config_cls, sample, ["data.folds=3", "data.fold=2"])
+    assert (cfg.data.folds, cfg.data.fold) == (3, 2)
+    members = [str(ROOT / "runs" / f"fold_{i}" / "checkpoints" / "best") for i in range(2)]
+    cfg = build_config(config_cls, sample, ["data.folds=0", *ensemble_overrides(members)])
+    assert cfg.data.folds == 0 and cfg.eval_only and cfg.ensemble == members

@@ -23,7 +23,13 @@ MANO global rotation are rotated about the camera axis with the image), translat
 horizontal flip: the 3D joints are mirrored (x -> -x) and the hand changes side (`is_right`). MANO
 labels are those of the right hand seen in the (possibly mirrored) crop, so a flip leaves them as
 they are. Handedness comes from the label's `is_right` or, if absent, from the skeleton's chirality.
-Validation is deterministic (`val_seed` fixes a random validation split too).
+Validation is deterministic. `val_seed` seeds every random choice of what is validated: the random
+held-out split (`split_mode: random`), the k-fold split (`folds`), and (train_hand.py) the RNG of
+every validation pass, whatever the split mode, so two runs validate identically.
+
+Splits (`split_indices`): a separate `val_split` folder, or `val_count` samples held out of the train
+split (the last ones, or random ones); with `folds: k`, k-fold over the remaining training samples
+(validate on fold `fold`; the held-out / val_split set stays unseen for the ensemble of the k models).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib.data.common import DataError, require_dir, sample_rng, split_key, to_tensor_normalized
+from lib.data.common import kfold_indices, require_dir, sample_rng, split_key, to_tensor_normalized
+from lib.errors import DataError
 
 IMG_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -62,7 +69,9 @@ class HandDataConfig:
     val_split: str = "evaluation"
     val_count: int = 0  # > 0: validate on this many samples held out of the train split instead
     split_mode: Literal["tail", "random"] = "tail"  # held-out samples: the last val_count, or random ones
-    val_seed: int = 42  # fixes the random split and any validation randomness across runs
+    val_seed: int = 42  # seeds the random / k-fold split and the RNG of each validation pass (every split mode)
+    folds: int = 0  # k >= 2: k-fold over the training samples, validate on fold `fold` (sweep.py --folds)
+    fold: int = 0
     img_size: int = 224
     crop: Literal["image", "keypoints"] = "image"
     bbox_scale: float = 1.5  # keypoints crop: box side = longer side of the joints' 2D box x this
@@ -103,6 +112,7 @@ class FolderSource:
             raise DataError(f"{root}: {split}_K.json / _xyz.json / _mano.json have different lengths")
         if n == 0 or len(self.images) % n:
             raise DataError(f"{rgb}: {len(self.images)} images is not a multiple of the {n} labels in {split}_xyz.json")
+        self.has_mano = self.mano is not None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,6 +130,8 @@ class FolderSource:
 
 class Hand3DSource:
     """The real-world hand3d test set (Ge et al. 2019), joints converted from cm to metres."""
+
+    has_mano = False
 
     def __init__(self, root: str | Path):
         from scipy.io import loadmat
@@ -173,6 +185,7 @@ class ShardSource:
             self.members += [samples[k] for k in sorted(samples)]
         if not self.members:
             raise DataError(f"no samples in the shards of {index}")
+        self.has_mano = "mano" in self.meta(0)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -207,6 +220,24 @@ def train_val_indices(n: int, cfg: HandDataConfig) -> tuple[list[int], list[int]
         raise DataError(f"data.val_count={cfg.val_count} must be between 1 and {n - 1} for {n} samples")
     order = np.arange(n) if cfg.split_mode == "tail" else np.random.default_rng(cfg.val_seed).permutation(n)
     return sorted(order[:-cfg.val_count].tolist()), sorted(order[-cfg.val_count:].tolist())
+
+
+def split_indices(n: int, cfg: HandDataConfig) -> tuple[list[int] | None, list[int] | None]:
+    """(train, val) indices into the train split's n samples; val None = validate on `val_split`.
+
+    val_count > 0: hold-out of the train split (`train_val_indices`); folds = k: fold `fold` of the
+    remaining training samples (seeded by val_seed) is validated on instead.
+    """
+    if cfg.val_count:
+        train, val = train_val_indices(n, cfg)
+    else:
+        train, val = list(range(n)), None
+    if cfg.folds:
+        if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds:
+            raise DataError(f"data.folds={cfg.folds} / data.fold={cfg.fold}: need folds >= 2 and 0 <= fold < folds")
+        tr, va = kfold_indices(len(train), cfg.folds, cfg.fold, seed=cfg.val_seed)
+        train, val = [train[i] for i in tr], [train[i] for i in va]
+    return train, val
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -267,6 +298,8 @@ def crop_affine(img: np.ndarray, center: np.ndarray, side: float, deg: float, fl
 
 # ----------------------------------------------------------------------------- dataset
 class HandDataset(torch.utils.data.Dataset):
+    accepts_epoch_keys = True  # make_loader's EpochSampler hands (index, epoch) keys
+
     def __init__(self, source, cfg: HandDataConfig, train: bool, seed: int = 0, indices: list[int] | None = None):
         self.source, self.cfg, self.train, self.seed = source, cfg, train, seed
         self.indices = list(range(len(source))) if indices is None else list(indices)
@@ -278,6 +311,11 @@ class HandDataset(torch.utils.data.Dataset):
         """(21, 3) root-relative joints of sample i in metres, camera frame, no image read."""
         xyz = np.asarray(self.source.meta(self.indices[i])["xyz"], dtype=np.float64)
         return xyz - xyz[:1]
+
+    def is_right(self, i: int) -> bool:
+        """Handedness of un-augmented sample i from its labels (`is_right`, else the skeleton's chirality)."""
+        meta = self.source.meta(self.indices[i])
+        return bool(meta["is_right"]) if "is_right" in meta else is_right_hand(np.asarray(meta["xyz"]).reshape(21, 3))
 
     def __getitem__(self, key) -> dict:
         i, epoch = split_key(key)
@@ -333,6 +371,13 @@ class HandDataset(torch.utils.data.Dataset):
             "mano_betas": torch.tensor(mano[48:58], dtype=torch.float32),
             "index": torch.tensor(i),
         }
+
+
+def mean_pose(ds: HandDataset) -> np.ndarray:
+    """(21, 3) mean root-relative training skeleton in the right-hand frame (left hands mirrored), metres,
+    from the labels only (no image read, no augmentation)."""
+    mirror = np.array([-1.0, 1.0, 1.0])
+    return np.mean([ds.joints(i) * (1.0 if ds.is_right(i) else mirror) for i in range(len(ds))], 0)
 
 
 def label_stats(ds: HandDataset, max_samples: int = 512) -> dict[str, torch.Tensor]:

@@ -1,16 +1,17 @@
 """Losses of the 3D hand regressor (HaMeR-like terms and default weights).
 
-    losses = hand_losses(out, batch, LossWeights())   # {"loss_3d": ..., "loss_2d": ..., ...}, weighted
+    losses = hand_losses(out, batch, LossWeights())   # {"loss_3d", "loss_2d", "loss_theta", "loss_beta"}, weighted
     total = sum(losses.values())
 
   loss_3d      L1 (or L2) on root-relative 3D joints in metres, summed over joints and xyz
   loss_2d      L1 (or L2) on 2D joints in crop coordinates [-0.5, 0.5], the 3D joints projected
                by the predicted weak-perspective camera (s, tx, ty): uv = s * xy + t
-  loss_orient  MSE on the global rotation matrix, samples with MANO labels only
-  loss_pose    MSE on the 15 finger rotation matrices, samples with MANO labels only
-  loss_betas   MSE on the 10 shape parameters, samples with MANO labels only
+  loss_theta   MANO pose theta: global_orient x MSE on the global rotation matrix + hand_pose x MSE on
+               the 15 finger rotation matrices, samples with MANO labels only
+  loss_beta    MANO shape: MSE on the 10 betas, samples with MANO labels only
 Per-sample sums are averaged over the batch. The MANO terms are always computed (zero when no
-sample has labels) so every head output stays in the graph (DDP needs no unused-parameter search).
+sample has labels) so every head output stays in the graph (DDP needs no unused-parameter search);
+train_hand.py logs them when the training set has MANO labels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from lib.models.hand import axis_angle_to_rotmat
+from lib.geometry import axis_angle_to_rotmat
 
 
 @dataclass
@@ -59,7 +60,7 @@ def hand_losses(out: dict, batch: dict, w: LossWeights) -> dict[str, torch.Tenso
     return {
         "loss_3d": w.joints_3d * keypoint_loss(joints, batch["joints3d"], w.kind),
         "loss_2d": w.joints_2d * keypoint_loss(project(joints, out["cam"]), batch["joints2d"], w.kind),
-        "loss_orient": w.global_orient * masked_mse(out["pose"][:, 0], gt_rot[:, 0], mask),
-        "loss_pose": w.hand_pose * masked_mse(out["pose"][:, 1:], gt_rot[:, 1:], mask),
-        "loss_betas": w.betas * masked_mse(out["betas"], batch["mano_betas"], mask),
+        "loss_theta": w.global_orient * masked_mse(out["pose"][:, 0], gt_rot[:, 0], mask)
+        + w.hand_pose * masked_mse(out["pose"][:, 1:], gt_rot[:, 1:], mask),
+        "loss_beta": w.betas * masked_mse(out["betas"], batch["mano_betas"], mask),
     }

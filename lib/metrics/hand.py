@@ -3,7 +3,9 @@
     err = mpjpe(pred, gt)         # (B,) mean joint error per sample, in the input unit
     err = pa_mpjpe(pred, gt)      # (B,) after Procrustes alignment (rotation, scale, translation)
     summary = summarize({"mpjpe": e1 * 1000, "pa_mpjpe": e2 * 1000})  # mm: mean and std
-    save_overlay(path, images, kp_gt, kp_pred)   # PNG grid, GT green, prediction red
+    save_overlay(path, images, kp_gt, kp_pred)   # PNG grid, truth green, prediction red, legend strip below
+    save_overlay(path, images, None, kp_pred)    # predictions only (no labels): legend says so
+    fluctuation([41.0, 39.5, 40.2])              # std of val MPJPE over evaluations (the plan's "fluctuation")
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def summarize(errors: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def fluctuation(values: list[float]) -> float:
+    """Population std of a metric over the evaluations so far (0 for fewer than two)."""
+    return float(np.std(np.asarray(values, dtype=np.float64))) if len(values) > 1 else 0.0
+
+
 def denormalize(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8."""
     x = img.float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -75,18 +82,37 @@ def draw_keypoints(img: np.ndarray, kps: np.ndarray, color: tuple, radius: int =
     return np.array(im)
 
 
-def save_overlay(path: str | Path, images: torch.Tensor, kp_gt: torch.Tensor, kp_pred: torch.Tensor,
+GT_COLOR, PRED_COLOR = (0, 255, 0), (255, 0, 0)
+LEGEND_HEIGHT = 16
+
+
+def legend_strip(width: int, with_truth: bool) -> np.ndarray:
+    """(LEGEND_HEIGHT, width, 3) black strip: a red swatch "prediction" [and a green one "truth"]."""
+    im = Image.new("RGB", (width, LEGEND_HEIGHT))
+    d = ImageDraw.Draw(im)
+    x = 4
+    for color, label in [(PRED_COLOR, "prediction")] + ([(GT_COLOR, "truth")] if with_truth else []):
+        d.rectangle([x, 4, x + 8, 12], fill=color)
+        d.text((x + 12, 2), label, fill=(255, 255, 255))
+        x += 16 + 7 * len(label)
+    return np.array(im)
+
+
+def save_overlay(path: str | Path, images: torch.Tensor, kp_gt: torch.Tensor | None, kp_pred: torch.Tensor,
                  cols: int = 4, scale: int = 2) -> None:
-    """PNG grid of crops (B, 3, H, W) with GT (green) and predicted (red) 2D keypoints (B, 21, 2) in [-0.5, 0.5]."""
+    """PNG grid of crops (B, 3, H, W) with truth (green, if given) and predicted (red) 2D keypoints
+    (B, 21, 2) in [-0.5, 0.5], and a legend strip below the grid."""
     tiles = []
-    for img, g, p in zip(images, kp_gt, kp_pred):
+    for i, (img, p) in enumerate(zip(images, kp_pred)):
         im = denormalize(img)
         h, w = im.shape[:2]
         im = np.array(Image.fromarray(im).resize((w * scale, h * scale), Image.BILINEAR))
         to_px = lambda k: ((k.float().cpu().numpy() + 0.5) * np.array([w, h]) * scale)  # noqa: E731
-        im = draw_keypoints(im, to_px(g), (0, 255, 0))
-        tiles.append(draw_keypoints(im, to_px(p), (255, 0, 0)))
+        if kp_gt is not None:
+            im = draw_keypoints(im, to_px(kp_gt[i]), GT_COLOR)
+        tiles.append(draw_keypoints(im, to_px(p), PRED_COLOR))
     rows = [np.concatenate(tiles[i:i + cols] + [np.zeros_like(tiles[0])] * (cols - len(tiles[i:i + cols])), 1)
             for i in range(0, len(tiles), cols)]
+    grid = np.concatenate(rows, 0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    Image.fromarray(np.concatenate([grid, legend_strip(grid.shape[1], kp_gt is not None)], 0)).save(path)

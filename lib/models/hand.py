@@ -14,8 +14,10 @@ kept in the right-hand frame; for left hands the joints are mirrored (x -> -x) a
 a flipped image gives a mirrored skeleton. With a MANO file (`mano_path`) the joints come from
 MANO(pose, betas) instead of the direct joint regressor.
 
-Progressive dropout (`dropout_at`, `set_dropout`): p = 0 for the first `warmup` steps, then p
-(or a linear ramp), computed by lib.schedules and written into every dropout of the head.
+Progressive dropout: the training script computes p for each step (train_hand.py, with
+lib.schedules); `model.set_dropout(p)` only writes it into every dropout of the head. Layer-wise
+lr decay: the model names a layer per parameter (`layer_id(name)`, `num_layers`); lib.optim
+builds the groups.
 
 External backbone weights (local files only), converted by `convert_state_dict` (layout
 auto-detected): timm `vit_*_patch14_dinov2`, facebookresearch/dinov2 hub `.pth` (`blocks.*`,
@@ -40,49 +42,15 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lib.checkpoint import WeightFileError
-from lib.config import OptimConfig, ScheduleConfig
-from lib.optim import param_groups
-from lib.schedules import schedule_factor
+from lib.errors import ModelError
+from lib.geometry import axis_angle_to_rotmat, rot6d_to_rotmat  # noqa: F401  (re-exported)
 
 BACKBONES = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2",
              "vit_giant_patch14_dinov2")
 NUM_JOINTS = 21  # wrist, then thumb, index, middle, ring, pinky, each base to tip
 
 
-# ----------------------------------------------------------------------------- rotations
-def rot6d_to_rotmat(x: torch.Tensor) -> torch.Tensor:
-    """(..., 6) two columns -> (..., 3, 3) by Gram-Schmidt (Zhou et al. 2019)."""
-    a1, a2 = x[..., :3], x[..., 3:]
-    b1 = F.normalize(a1, dim=-1)
-    b2 = F.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)
-    return torch.stack([b1, b2, torch.cross(b1, b2, dim=-1)], dim=-1)
-
-
-def axis_angle_to_rotmat(aa: torch.Tensor) -> torch.Tensor:
-    """(..., 3) axis-angle -> (..., 3, 3) (Rodrigues)."""
-    angle = aa.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # (..., 1)
-    k = aa / angle
-    kx, ky, kz = k.unbind(-1)
-    zero = torch.zeros_like(kx)
-    kmat = torch.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], -1).reshape(*aa.shape[:-1], 3, 3)
-    s, c = torch.sin(angle)[..., None], torch.cos(angle)[..., None]
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device).expand_as(kmat)
-    return eye + s * kmat + (1 - c) * kmat @ kmat
-
-
-# ----------------------------------------------------------------------------- progressive dropout
-def dropout_at(step: int, p: float, warmup_steps: int, ramp: str = "step") -> float:
-    """Dropout p at optimizer step `step` (0-based): 0 before `warmup_steps`, then `p`.
-
-    ramp "step": jump from 0 to p at `warmup_steps`; "linear": rise linearly from 0 to p over
-    the warm-up. A lib.schedules function of the step (hold / linear warm-up, constant after).
-    """
-    sched = ScheduleConfig(name="constant", warmup_steps=warmup_steps, warmup_start_factor=0.0,
-                           warmup_mode="hold" if ramp == "step" else "linear")
-    return p * schedule_factor(step, 1, sched)
-
-
+# ----------------------------------------------------------------------------- dropout
 def set_dropout(module: nn.Module, p: float) -> None:
     """Write p into every nn.Dropout of `module` and into the SDPA `attn_drop` of its attention layers."""
     for m in module.modules():
@@ -137,7 +105,7 @@ class Handec(nn.Module):
                  pose_repr: str = "6d", predict_joints: bool = True):
         super().__init__()
         if pose_repr not in ("6d", "aa"):
-            raise ValueError(f"pose_repr must be '6d' or 'aa', got {pose_repr!r}")
+            raise ModelError(f"model.handec.pose_repr must be '6d' or 'aa', got {pose_repr!r}")
         self.pose_repr, self.ief_iters, self.predict_joints = pose_repr, ief_iters, predict_joints
         pd = 6 if pose_repr == "6d" else 3
         self.sizes = {"pose": 16 * pd, "betas": 10, "cam": 3} | ({"joints": NUM_JOINTS * 3} if predict_joints else {})
@@ -229,7 +197,7 @@ class ManoLayer(nn.Module):
 
 def _read_mano(path: Path) -> dict:
     if not path.is_file():
-        raise WeightFileError(f"MANO file not found: {path}")
+        raise ModelError(f"MANO file not found: {path}")
     try:
         if path.suffix == ".npz":
             data = dict(np.load(path, allow_pickle=False))
@@ -237,16 +205,16 @@ def _read_mano(path: Path) -> dict:
             with open(path, "rb") as f:
                 data = pickle.load(f, encoding="latin1")
     except ModuleNotFoundError as e:
-        raise WeightFileError(f"{path} holds {e.name} objects; convert it to .npz (arrays v_template, shapedirs, "
+        raise ModelError(f"{path} holds {e.name} objects; convert it to .npz (arrays v_template, shapedirs, "
                               "posedirs, J_regressor, weights, kintree_table) where chumpy is installed") from None
     except Exception as e:  # noqa: BLE001 - any read failure is a bad MANO file
-        raise WeightFileError(f"cannot read MANO file {path}: {type(e).__name__}: {e}") from None
+        raise ModelError(f"cannot read MANO file {path}: {type(e).__name__}: {e}") from None
     if hasattr(data.get("J_regressor"), "toarray"):  # scipy sparse in the official pkl
         data["J_regressor"] = data["J_regressor"].toarray()
     missing = [k for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
                if k not in data]
     if missing:
-        raise WeightFileError(f"MANO file {path} lacks {missing}")
+        raise ModelError(f"MANO file {path} lacks {missing}")
     return data
 
 
@@ -260,7 +228,7 @@ class HandRegressor(nn.Module):
                  mano_path: str = "", backbone_overrides: dict | None = None):
         super().__init__()
         if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone '{backbone}' (choose from {list(BACKBONES)})")
+            raise ModelError(f"unknown backbone '{backbone}' (choose from {list(BACKBONES)})")
         self.backbone = timm.create_model(backbone, pretrained=False, img_size=img_size, num_classes=0,
                                           drop_path_rate=drop_path_rate, **(backbone_overrides or {}))
         self.mano = ManoLayer(mano_path) if mano_path else None
@@ -303,37 +271,18 @@ class HandRegressor(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_token", "head.query", "head.hand_embed"}
 
+    @property
+    def num_layers(self) -> int:
+        """Layer ids of the backbone run 0 (embeddings) .. num_layers (final norm) = depth + 1."""
+        return len(self.backbone.blocks) + 1
 
-def layer_decay_groups(model: HandRegressor, cfg: OptimConfig, layer_decay: float, lr: float | None = None) -> list[dict]:
-    """lib.optim.param_groups, with backbone groups split per block: lr * decay ** (depth + 1 - layer).
-
-    Layer 0 = patch/position embeddings, i + 1 = block i, depth + 1 = final norm; the head keeps
-    its lr (`head_lr_mult`). layer_decay = 1 gives lib.optim.param_groups unchanged.
-    """
-    groups = param_groups(model, cfg, model.head_prefixes, lr)
-    if layer_decay == 1.0:
-        return groups
-    depth = len(model.backbone.blocks)
-    names = {id(p): n for n, p in model.named_parameters()}
-
-    def layer(name: str) -> int:
+    def layer_id(self, name: str) -> int:
+        """Layer of a backbone parameter for layer-wise lr decay (lib.optim.param_groups): 0 = patch /
+        position embeddings and tokens, i + 1 = block i, num_layers = final norm (and anything else)."""
         m = re.match(r"backbone\.blocks\.(\d+)\.", name)
         if m:
             return int(m[1]) + 1
-        return 0 if re.match(r"backbone\.(cls_token|reg_token|pos_embed|patch_embed)", name) else depth + 1
-
-    out = []
-    for g in groups:
-        if g["name"].startswith("head"):
-            out.append(g)
-            continue
-        by_layer: dict[int, list] = {}
-        for p in g["params"]:
-            by_layer.setdefault(layer(names[id(p)]), []).append(p)
-        for i, params in sorted(by_layer.items()):
-            out.append({**g, "params": params, "lr": g["lr"] * layer_decay ** (depth + 1 - i),
-                        "name": f"{g['name']}_layer{i}"})
-    return out
+        return 0 if re.match(r"backbone\.(cls_token|reg_token|pos_embed|patch_embed)", name) else self.num_layers
 
 
 # ----------------------------------------------------------------------------- weight conversion
@@ -359,7 +308,7 @@ def detect_layout(sd: dict) -> str:
         return "hf"
     if any(k.startswith("blocks.") for k in keys) and "pos_embed" in sd:
         return "timm"  # timm and facebookresearch hub share names (hub: chunks, mask_token, w12/w3)
-    raise WeightFileError("unrecognised DINOv2 weight layout (expected timm, facebookresearch hub, HF transformers "
+    raise ModelError("unrecognised DINOv2 weight layout (expected timm, facebookresearch hub, HF transformers "
                           "Dinov2Model or this project's keys)")
 
 
@@ -369,7 +318,7 @@ def convert_state_dict(sd: dict, model: HandRegressor | None = None) -> dict:
     if layout == "ours":
         return dict(sd)
     if any("register_tokens" in k for k in sd):
-        raise WeightFileError("DINOv2 weights with registers are not supported; use a vit_*_patch14_dinov2 file")
+        raise ModelError("DINOv2 weights with registers are not supported; use a vit_*_patch14_dinov2 file")
     out: dict[str, torch.Tensor] = {}
     if layout == "hf":
         qkv: dict[str, dict[str, torch.Tensor]] = {}
