@@ -6,9 +6,15 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
   accelerate launch train_face.py --config configs/face/resnet18_arcface.yaml         # the grid (train1 folders)
   accelerate launch train_face.py --config configs/face/finetune_train2.yaml \
       load_from=runs/resnet18_arcface/checkpoints/best                                # train2: new head, fine-tune
+  accelerate launch train_face.py --config configs/face/phase1_baseline.yaml         # the plan's Phase 1 (10 epochs)
   accelerate launch train_face.py --config configs/face/resnet18_arcface.yaml eval_only=true \
       load_from=runs/resnet18_arcface/checkpoints/best data.test_pairs=test.csv       # -> predictions.csv
   accelerate launch train_face.py --config configs/face/lfw.yaml resume=auto          # continue a run
+  python train_face.py --config configs/face/sample.yaml output_dir=runs/face_use \
+      load_from=runs/face_sample/checkpoints/best predict='tests/data/face/val/*/*.jpg'  # -> predict/embeddings.npy
+  python train_face.py --config configs/face/sample.yaml output_dir=runs/face_use \
+      load_from=runs/face_sample/checkpoints/best export=onnx                          # -> export/model.onnx
+  python train_face.py --config configs/face/lfw.yaml eval_only=true baseline=random   # chance-level EER row
   python train_face.py --help                                                         # every config key
 
 The model (backbone + embedding) must fit `model.max_params` (11.5M) without its classification
@@ -17,11 +23,15 @@ checkpoint is the one with the lowest validation EER (cosine scores of L2-normal
 optionally averaged with the horizontally flipped image). `load_from` takes this script's
 checkpoints (a different class count re-initialises the head only) or timm/torchvision backbone
 files (lib/models/face.py); `model.backbone_weights` loads a local backbone file into a fresh model.
+eval_only / predict / export build the embedding model only (no heads) and read no training folder:
+a labelled `data.test_pairs` gets threshold-free test EER / TAR@FAR and the accuracy at the threshold
+chosen on `data.val_pairs` (never fitted on the test pairs).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -30,18 +40,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoint import find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
-from lib.config import RunConfig, parse_config
+import numpy as np
+
+from lib.checkpoint import (eval_members, find_resume, load_checkpoint, load_weights, save_checkpoint,
+                            save_weights)
+from lib.config import RunConfig, TrainConfig, parse_config, resolve_units
 from lib.data.common import EpochSampler, kfold_indices, make_loader
 from lib.data.face import (FaceDataConfig, IdentityFolder, ImageList, PKSampler, build_mixup, build_transform,
                            lfw_identities, make_pairs, read_pairs, scan_identities)
+from lib.errors import UserError
 from lib.logging import RunLog
 from lib.losses.face import FaceLossConfig, build_heads, face_losses, term_weights
-from lib.metrics.face import cosine_scores, save_roc, verification_metrics
+from lib.metrics.face import cosine_scores, heldout_metrics, random_embeddings, save_roc, verification_metrics
 from lib.models.face import (FaceModelConfig, FaceNet, check_budget, convert_state_dict, count_params,
                               load_backbone)
 from lib.optim import build_optimizer, param_groups, scaled_lr
-from lib.runtime import UserError, cli_main, convert_sync_batchnorm, setup_run
+from lib.runtime import cli_main, convert_sync_batchnorm, setup_run
 from lib.schedules import lr_scheduler
 
 
@@ -55,6 +69,7 @@ class EvalConfig:
 
 @dataclass
 class FaceConfig(RunConfig):
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="EER", best_mode="min"))
     data: FaceDataConfig = field(default_factory=FaceDataConfig)
     model: FaceModelConfig = field(default_factory=FaceModelConfig)
     loss: FaceLossConfig = field(default_factory=FaceLossConfig)
@@ -72,6 +87,12 @@ def check_config(cfg: FaceConfig) -> None:
         raise UserError(f"MixUp/CutMix need loss.terms=[softmax] (soft targets), got {cfg.loss.terms}")
     if cfg.loss.sub_centers < 1:
         raise UserError("loss.sub_centers must be >= 1")
+    if cfg.baseline not in ("", "random"):
+        raise UserError(f"baseline: face has 'random' (random embeddings), got '{cfg.baseline}'")
+    if cfg.baseline and not cfg.eval_only:
+        raise UserError("baseline=random is evaluated with eval_only=true")
+    if (cfg.predict or cfg.export) and not cfg.load_from:
+        raise UserError(f"{'predict' if cfg.predict else 'export'} needs load_from=PATH (a checkpoint folder or weights)")
     if cfg.data.sampler == "pk":  # each batch is one whole P x K block (see PKSampler): batch size P * K
         cfg.train.batch_size = cfg.data.classes_per_batch * cfg.data.images_per_class
 
@@ -112,8 +133,12 @@ def pair_loader(pairs, cfg: FaceConfig, accelerator):
 
 
 def verify(models, loader, index, labels, cfg, accelerator, roc_path: Path | None = None):
-    """Scores of every pair, and EER / TAR@FAR / accuracy when the pairs are labelled."""
-    emb = embed(models, loader, cfg, accelerator)
+    """Scores of every pair, and EER / TAR@FAR / accuracy when the pairs are labelled.
+    No models = the random-embedding baseline (cfg.seed, embed_dim) through the same scoring."""
+    if models:
+        emb = embed(models, loader, cfg, accelerator)  # (N, D)
+    else:
+        emb = random_embeddings(len(loader.dataset), cfg.model.embed_dim, cfg.seed)
     scores = cosine_scores(emb[index[:, 0]], emb[index[:, 1]])  # (P,)
     if labels is None:
         return scores, {}
@@ -123,17 +148,20 @@ def verify(models, loader, index, labels, cfg, accelerator, roc_path: Path | Non
     return scores, metrics
 
 
-def build_model(cfg: FaceConfig, num_classes: int) -> FaceNet:
-    return FaceNet(cfg.model, build_heads(cfg.loss, cfg.model.embed_dim, num_classes))
+def build_model(model_cfg: FaceModelConfig, *, loss_cfg: FaceLossConfig | None = None, num_classes: int = 0) -> FaceNet:
+    """Backbone + embedding, with the loss terms' classification heads when num_classes > 0 (training)."""
+    heads = build_heads(loss_cfg, model_cfg.embed_dim, num_classes) if num_classes else None
+    return FaceNet(model_cfg, heads)
 
 
-def load_model(model: FaceNet, path: str, cfg: FaceConfig, log) -> None:
-    """Weights of a checkpoint / backbone file; a head of another class count (fine-tuning) is re-initialised."""
+def load_model(model: FaceNet, path: str, log) -> None:
+    """Weights of a checkpoint / backbone file; a head of another class count (fine-tuning) is re-initialised,
+    a model without heads (eval / predict / export) skips them."""
     own = model.state_dict()
 
     def convert(sd):
         sd = convert_state_dict(sd)
-        if cfg.eval_only:  # verification needs no classification head
+        if not len(model.heads):  # verification needs no classification head
             return {k: v for k, v in sd.items() if not k.startswith("heads.")}
         for k, v in sd.items():
             if k.startswith("heads.") and k in own and own[k].shape != v.shape:
@@ -144,15 +172,139 @@ def load_model(model: FaceNet, path: str, cfg: FaceConfig, log) -> None:
     load_weights(model, path, convert, skip_mismatched=True, log=log)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step recorded in a checkpoint folder's trainer_state.json (None for a plain weight file)."""
+    state = Path(path) / "trainer_state.json"
+    return json.loads(state.read_text()).get("step") if state.is_file() else None
+
+
+def write_scores(path: Path, pairs, scores, threshold: float | None = None) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair", "path_a", "path_b", "score"] + (["same"] if threshold is not None else []))
+        for i, ((_, a, b), s) in enumerate(zip(pairs, scores.tolist())):
+            w.writerow([i, a, b, f"{s:.6f}"] + ([int(s >= threshold)] if threshold is not None else []))
+
+
+def use_trained(cfg: FaceConfig, accelerator, log, run_dir: Path) -> dict:
+    """export / predict / eval_only: embedding models from load_from / ensemble / resume (no heads, no
+    training data read), or the random-embedding baseline."""
+    d = cfg.data
+    paths = eval_members(cfg) if cfg.eval_only else [cfg.load_from]
+    val_pairs = read_pairs(d.val_pairs, d.val_root, d.val_folds) if cfg.eval_only and d.val_pairs else []
+    test_pairs = read_pairs(d.test_pairs, d.test_root) if cfg.eval_only and d.test_pairs else []
+    if cfg.eval_only and not val_pairs and not test_pairs:
+        raise UserError("eval_only=true needs data.val_pairs and/or data.test_pairs")
+    if cfg.eval_only and not paths and not cfg.baseline:
+        ckpt = find_resume(run_dir, cfg.resume)
+        if ckpt is None:
+            raise UserError(f"eval_only=true with resume={cfg.resume}: no checkpoint in {run_dir}")
+        paths = [str(ckpt)]  # the resumed model (weights only)
+    members, steps = [], []
+    for path in paths if not cfg.baseline else []:
+        m = build_model(cfg.model)
+        load_model(m, path, log.info)
+        steps.append(checkpoint_step(path))
+        members.append(m)
+    step = steps[0] if steps and steps[0] is not None else 0
+    for path, st in zip(paths, steps):
+        log.info(f"model: {path} ({'step ' + str(st) if st is not None else 'no trainer_state.json: step unknown'})")
+    if cfg.baseline:
+        log.info(f"baseline=random: seeded (seed {cfg.seed}) random {cfg.model.embed_dim}-d embeddings, no model")
+    result: dict = {}
+
+    if cfg.export:  # the embedding model of load_from: (B, 3, S, S) image -> (B, D) embedding (not normalised)
+        from lib.export import export_model, onnx_max_abs_diff
+
+        x = torch.randn(2, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
+        model = members[0].eval()
+        meta = {"script": "train_face.py", "backbone": cfg.model.backbone, "embed_dim": cfg.model.embed_dim,
+                "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std), "step": step,
+                "output": "embedding; L2-normalise and compare by cosine"}
+        out = export_model(model, (x,), run_dir / "export", cfg.export, input_names=["image"],
+                           output_names=["embedding"], metadata=meta)
+        log.info(f"export: wrote {out} (step {step}; input (B, 3, {d.image_size}, {d.image_size}))")
+        if cfg.export == "onnx":
+            try:
+                with torch.no_grad():
+                    result["onnx_max_abs_diff"] = onnx_max_abs_diff(out, (x,), model(x))
+                log.info(f"export: onnxruntime vs PyTorch max |diff| {result['onnx_max_abs_diff']:.2e}")
+            except ImportError:
+                log.info("export: onnxruntime not installed, output not checked")
+
+    prepared = [accelerator.prepare_model(m, evaluation_mode=True) for m in members]
+    if cfg.predict:  # embeddings of every input image (+ scores of data.test_pairs) -> output_dir/predict/
+        from lib.predict import list_inputs
+
+        images = list_inputs(cfg.predict)
+        ds = ImageList(images, build_transform(d, train=False))
+        loader = accelerator.prepare_data_loader(make_loader(ds, cfg.eval.batch_size, shuffle=False,
+                                                             num_workers=cfg.train.num_workers))
+        emb = embed(prepared, loader, cfg, accelerator)  # (N, D) L2-normalised
+        out_dir = run_dir / "predict"
+        pairs, scores = [], None
+        if d.test_pairs:
+            pairs = read_pairs(d.test_pairs, d.test_root)
+            ploader, index = pair_loader(pairs, cfg, accelerator)
+            scores, _ = verify(prepared, ploader, index, None, cfg, accelerator)
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / "embeddings.npy", emb.numpy().astype(np.float32))
+            (out_dir / "names.txt").write_text("".join(f"{p}\n" for p in images))
+            if scores is not None:
+                write_scores(out_dir / "scores.csv", pairs, scores)
+        log.info(f"predict: {len(images)} images from {cfg.predict} -> {out_dir / 'embeddings.npy'} "
+                 f"{tuple(emb.shape)} + names.txt" + (f"; {len(pairs)} pair scores of {d.test_pairs} -> "
+                                                       f"scores.csv" if pairs else ""))
+        result["predicted"] = len(images)
+
+    if not cfg.eval_only:
+        return result
+    # ---- eval_only: validation pairs pick the threshold, labelled test pairs are scored with it
+    for name, pairs, file in (("validation", val_pairs, d.val_pairs), ("test", test_pairs, d.test_pairs)):
+        if pairs:
+            labelled = sum(lab >= 0 for lab, _, _ in pairs)
+            log.info(f"data: {len(pairs)} {name} pairs ({labelled} labelled) from {file}, images under "
+                     f"{pairs[0][1].parent.parent}")
+    if val_pairs:
+        loader, index = pair_loader(val_pairs, cfg, accelerator)
+        labels = torch.tensor([lab for lab, _, _ in val_pairs])
+        _, result = verify(prepared, loader, index, labels, cfg, accelerator, run_dir / "roc.png")
+        if len(prepared) > 1:
+            for i, m in enumerate(prepared):
+                result[f"member{i}_EER"] = verify([m], loader, index, labels, cfg, accelerator)[1]["EER"]
+    if test_pairs:
+        loader, index = pair_loader(test_pairs, cfg, accelerator)
+        scores, _ = verify(prepared, loader, index, None, cfg, accelerator)
+        threshold = result.get("threshold")
+        test_labels = [lab for lab, _, _ in test_pairs]
+        if min(test_labels) >= 0:  # labelled: threshold-free EER / TAR@FAR, accuracy at the validation threshold
+            tm = heldout_metrics(scores, test_labels, threshold, cfg.eval.far)
+            result |= {f"test_{k}": v for k, v in tm.items()}
+            log.info("test: EER and TAR@FAR need no threshold; " + (
+                f"test_acc uses the validation threshold {threshold:.4f}" if threshold is not None else
+                "no validation pairs, so no threshold from validation: test_acc_at_test_eer_threshold is the "
+                "accuracy at the test pairs' own EER threshold (fitted on the test pairs, optimistic)"))
+        if accelerator.is_main_process:
+            write_scores(run_dir / "predictions.csv", test_pairs, scores, threshold)
+        thr = f" (same = score >= {threshold:.4f}, the best validation threshold)" if threshold is not None else ""
+        log.info(f"wrote {len(test_pairs)} pair scores to {run_dir / 'predictions.csv'}{thr}")
+    log.eval(step, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(FaceConfig, sys.argv[1:] if argv is None else argv, __doc__)
     check_config(cfg)
     accelerator = setup_run(cfg, "face")
     run_dir = Path(cfg.output_dir)
-    log = RunLog(accelerator, run_dir, cfg.train.total_steps, log_interval=cfg.train.log_interval,
-                 check_losses=cfg.train.check_finite)
+    if cfg.eval_only or cfg.predict or cfg.export:  # a trained model (or the random baseline): no training data
+        log = RunLog(accelerator, run_dir, 0, check_losses=False)
+        result = use_trained(cfg, accelerator, log, run_dir)
+        log.close()
+        return result
 
-    # ---- data: train identities (all / LFW folds / k-fold), validation and test pairs
+    # ---- data: train identities (all / LFW folds / k-fold) and validation pairs
     d = cfg.data
     identities = lfw_identities(d.identities_from, d.train_folds) if d.identities_from else None
     train_idx = None
@@ -165,9 +317,6 @@ def main(argv: list[str] | None = None) -> dict:
                      for s, i, j in make_pairs([labels[i] for i in val_idx], d.fold_pairs, cfg.seed)]
     train_ds = IdentityFolder(d.root, build_transform(d, train=True), identities, cfg.seed, train_idx, d.min_images)
     num_classes = len(train_ds.classes)
-    shared = {p.parent.name for _, a, b in val_pairs for p in (a, b)} & set(train_ds.classes)
-    if shared:
-        log.info(f"warning: {len(shared)} validation identities are also train identities (e.g. {min(shared)})")
     loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
     if d.sampler == "pk":
         sampler = PKSampler(train_ds.labels, d.classes_per_batch, d.images_per_class, accelerator.num_processes,
@@ -178,13 +327,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"train set has {len(train_ds)} images, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
     train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, sampler=sampler, drop_last=True, **loader_kw)
+    train_loader = accelerator.prepare_data_loader(train_loader)  # this process's share of each epoch
+    accum = accelerator.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    cfg = resolve_units(cfg, steps_per_epoch)  # train.unit=epoch: epoch counts -> optimizer steps
+    log = RunLog(accelerator, run_dir, cfg.train.total_steps, log_interval=cfg.train.log_interval,
+                 check_losses=cfg.train.check_finite)
+    shared = {p.parent.name for _, a, b in val_pairs for p in (a, b)} & set(train_ds.classes)
+    if shared:
+        log.info(f"warning: {len(shared)} validation identities are also train identities (e.g. {min(shared)})")
     mixup = build_mixup(d, num_classes, cfg.loss.label_smoothing)
     log.info(f"data: {len(train_ds)} train images of {num_classes} identities from {d.root} ({d.sampler} sampler, "
              f"batch {cfg.train.batch_size}/process, processes: {accelerator.num_processes}); "
-             f"{len(val_pairs)} validation pairs")
+             f"{len(val_pairs)} validation pairs" + (f" from {d.val_pairs}" if val_pairs and not d.folds else "")
+             + f"; {steps_per_epoch} steps per epoch, {cfg.train.total_steps} steps")
 
     # ---- model: backbone + embedding (budgeted) + classification heads
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg.model, loss_cfg=cfg.loss, num_classes=num_classes)
     counts = count_params(model)
     log.info(f"model: {cfg.model.backbone} (width {cfg.model.width}{', ' + cfg.model.attn if cfg.model.attn else ''}) "
              f"+ {cfg.model.embed_dim}-d embedding: {counts['without_head']:,} params without the head "
@@ -194,20 +353,19 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.model.backbone_weights:
         load_backbone(model, cfg.model.backbone_weights, log.info)
     if cfg.load_from:
-        load_model(model, cfg.load_from, cfg, log.info)
+        load_model(model, cfg.load_from, log.info)
     model = convert_sync_batchnorm(model, accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+
+    # ---- optimizer and schedule (parameter groups from the plain model, before torch.compile)
+    global_batch = cfg.train.batch_size * accelerator.num_processes * accum
+    groups = param_groups(model, cfg.optim, head_prefixes=model.head_prefixes, lr=scaled_lr(cfg.optim, global_batch))
+    optimizer = build_optimizer(groups, cfg.optim, accelerator.device)
     if cfg.compile:
         model = torch.compile(model)
-
-    # ---- optimizer and schedule
-    global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
-    groups = param_groups(model, cfg.optim, head_prefixes=("heads.", "_orig_mod.heads."),
-                          lr=scaled_lr(cfg.optim, global_batch))
-    optimizer = build_optimizer(groups, cfg.optim, accelerator.device)
     scheduler = lr_scheduler(optimizer, cfg.sched, cfg.train.total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     val_loader, val_index = pair_loader(val_pairs, cfg, accelerator) if val_pairs else (None, None)
     val_labels = torch.tensor([lab for lab, _, _ in val_pairs])
 
@@ -217,45 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
         step = load_checkpoint(accelerator, ckpt)["step"]
         log.info(f"resumed from {ckpt} at step {step}")
 
-    if cfg.eval_only:
-        members = [model]
-        for path in cfg.ensemble:
-            m = build_model(cfg, num_classes)
-            load_model(m, path, cfg, log.info)
-            members.append(accelerator.prepare_model(m, evaluation_mode=True))
-        if cfg.ensemble and not cfg.load_from:
-            members = members[1:]
-        if not cfg.load_from and not cfg.ensemble and ckpt is None:
-            raise UserError("eval_only=true needs load_from=PATH, ensemble=[...] or resume=PATH")
-        result: dict = {}
-        if val_loader is not None:
-            _, result = verify(members, val_loader, val_index, val_labels, cfg, accelerator, run_dir / "roc.png")
-            if len(members) > 1:
-                for i, m in enumerate(members):
-                    _, mm = verify([m], val_loader, val_index, val_labels, cfg, accelerator)
-                    result[f"member{i}_EER"] = mm["EER"]
-            log.eval(step, result)
-        if d.test_pairs:
-            test_pairs = read_pairs(d.test_pairs, d.test_root)
-            loader, index = pair_loader(test_pairs, cfg, accelerator)
-            scores, _ = verify(members, loader, index, None, cfg, accelerator)
-            if accelerator.is_main_process:
-                with open(run_dir / "predictions.csv", "w", newline="") as f:
-                    w = csv.writer(f)
-                    w.writerow(["pair", "path_a", "path_b", "score"] + (["same"] if result else []))
-                    for i, ((_, a, b), s) in enumerate(zip(test_pairs, scores.tolist())):
-                        same = [int(s >= result["threshold"])] if result else []
-                        w.writerow([i, a, b, f"{s:.6f}"] + same)
-            thr = f" (same = score >= {result['threshold']:.4f}, the best validation threshold)" if result else ""
-            log.info(f"wrote {len(test_pairs)} pair scores to {run_dir / 'predictions.csv'}{thr}")
-        if val_loader is None and not d.test_pairs:
-            raise UserError("eval_only=true needs data.val_pairs and/or data.test_pairs")
-        log.close()
-        return result
-
     # ---- training loop
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum_steps)
-    eval_every = cfg.train.eval_interval or steps_per_epoch  # 0 = every epoch
+    eval_every = cfg.train.eval_interval
     epoch, skip = divmod(step, steps_per_epoch)
     best, stale, stop = None, 0, False
     loss_sum, loss_n = torch.zeros((), device=accelerator.device), 0
@@ -263,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     while step < cfg.train.total_steps and not stop:
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip * cfg.train.grad_accum_steps) if skip else train_loader
+        loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
         for batch in loader:
             img, label = batch["image"], batch["label"]  # (B, 3, S, S), (B,)
@@ -295,8 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_n, 1)
                 loss_sum, loss_n = torch.zeros_like(loss_sum), 0
                 log.eval(step, {"epoch": step / steps_per_epoch, "loss": train_loss} | metrics)
-                key = cfg.train.best_metric or "EER"  # EER: lower is better, whatever train.best_mode says
-                maximize = key != "EER" and cfg.train.best_mode == "max"
+                key, maximize = cfg.train.best_metric, cfg.train.best_mode == "max"  # EER / min unless set
                 better = best is None or (metrics[key] > best if maximize else metrics[key] < best)
                 if better:
                     best, stale = metrics[key], 0

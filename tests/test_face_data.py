@@ -10,8 +10,8 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from lib.data.common import DataError, kfold_indices
-from lib.data.face import (FaceDataConfig, IdentityFolder, PKSampler, build_mixup, build_transform, lfw_identities,
-                           make_pairs, read_lfw_pairs, read_pairs, scan_identities)
+from lib.data.face import (AUG_PRESETS, FaceAugConfig, FaceDataConfig, IdentityFolder, PKSampler, build_mixup,
+                           build_transform, lfw_identities, make_pairs, read_lfw_pairs, read_pairs, scan_identities)
 from tests.conftest import ROOT, shared_path
 
 FACE = ROOT / "tests" / "data" / "face"
@@ -79,7 +79,7 @@ def test_identity_folder_transforms_deterministic_per_key():
     samples, classes = scan_identities(FACE / "train")
     assert len(classes) == 8 and len(samples) == 48
     for aug in ("conservative", "medium", "aggressive"):
-        cfg = FaceDataConfig(aug=aug, auto_augment="rand-m9-mstd0.5" if aug == "medium" else "")
+        cfg = FaceDataConfig(aug=AUG_PRESETS[aug], auto_augment="rand-m9-mstd0.5" if aug == "medium" else "")
         ds = IdentityFolder(FACE / "train", build_transform(cfg, train=True), seed=3)
         a, b, c = ds[(5, 0)], ds[(5, 0)], ds[(5, 1)]
         assert a["image"].shape == (3, 112, 112) and a["label"] == samples[5][1]
@@ -92,6 +92,59 @@ def test_identity_folder_transforms_deterministic_per_key():
     ev = IdentityFolder(FACE / "train", build_transform(FaceDataConfig(), train=False))
     x = ev[(0, 0)]["image"]
     assert torch.equal(x, ev[(0, 7)]["image"]) and -1.0 <= x.min() and x.max() <= 1.0  # mean = std = 0.5
+
+
+def test_augmentation_keys_build_those_ops_and_presets_equal_the_former_pipelines():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from lib.data.face import CenterCropFraction, FaceTransform
+
+    a = FaceAugConfig(rotation=15.0, grayscale_p=0.3, blur_kernel=7, blur_p=0.4, erasing_p=0.5, jitter=0.2)
+    ops = {type(t).__name__: t for t in build_transform(FaceDataConfig(aug=a), train=True).pipeline.transforms}
+    assert ops["RandomRotation"].degrees == [-15.0, 15.0] and ops["RandomGrayscale"].p == 0.3
+    applies = [t for t in build_transform(FaceDataConfig(aug=a), train=True).pipeline.transforms
+               if isinstance(t, T.RandomApply)]
+    jit, gb = applies[0], applies[1]
+    assert jit.p == 0.8 and jit.transforms[0].brightness == (0.8, 1.2)
+    assert gb.p == 0.4 and gb.transforms[0].kernel_size == (7, 7)
+    assert ops["RandomErasing"].p == 0.5 and "RandomAffine" not in ops
+    none = build_transform(FaceDataConfig(aug=AUG_PRESETS["none"]), train=True).pipeline.transforms
+    assert [type(t).__name__ for t in none] == ["CenterCropFraction", "Resize", "ToTensor", "Normalize"]
+    with pytest.raises(DataError, match="blur_kernel must be odd"):
+        build_transform(FaceDataConfig(aug=FaceAugConfig(blur_kernel=4)), train=True)
+    # the former hard-coded "aggressive" preset, op for op: same image for the same per-sample rng
+    old = FaceTransform([CenterCropFraction(1.0), T.Resize((112, 112), antialias=True), T.RandomHorizontalFlip(),
+                         T.RandomApply([T.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8), T.RandomRotation(10),
+                         T.RandomAffine(0, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=5), T.RandomGrayscale(0.2),
+                         T.RandomApply([T.GaussianBlur(5, (0.1, 2.0))], p=0.2), T.ToTensor(),
+                         T.Normalize((0.5,) * 3, (0.5,) * 3), T.RandomErasing(p=0.25, scale=(0.02, 0.2))], train=True)
+    new = build_transform(FaceDataConfig(aug=AUG_PRESETS["aggressive"]), train=True)
+    img = Image.open(FACE / "train" / "Tony_Blair" / sorted(p.name for p in (FACE / "train" / "Tony_Blair").iterdir())[0])
+    for k in range(4):
+        assert torch.equal(old(img, np.random.default_rng(k)), new(img, np.random.default_rng(k)))
+
+
+def test_resize_then_crop_and_imagenet_normalisation():
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    cfg = FaceDataConfig(image_size=224, resize=256, aug=AUG_PRESETS["none"], **imagenet)
+    img = Image.open(FACE / "train" / "Tony_Blair" / sorted(p.name for p in (FACE / "train" / "Tony_Blair").iterdir())[0])
+    img = img.convert("RGB")
+    ev = build_transform(cfg, train=False)(img, np.random.default_rng(0))
+    ref = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, [256, 256], antialias=True), [224, 224])),
+                       imagenet["mean"], imagenet["std"])
+    assert ev.shape == (3, 224, 224) and torch.allclose(ev, ref, atol=1e-6)
+    tr = build_transform(cfg, train=True)
+    crops = [tr(img, np.random.default_rng(k)) for k in range(3)]
+    assert all(c.shape == (3, 224, 224) for c in crops) and not torch.equal(crops[0], crops[1])  # random crop
+    big = TF.normalize(TF.to_tensor(TF.resize(img, [256, 256], antialias=True)), imagenet["mean"], imagenet["std"])
+    # each train crop is a 224 window of the 256 image (no flip / rotation here): found at some offset
+    found = [any(torch.allclose(c, big[:, y:y + 224, x:x + 224], atol=1e-6) for y in range(33) for x in range(33))
+             for c in crops]
+    assert all(found)
 
 
 def test_mixup_soft_targets():

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.metrics.face import best_accuracy, cosine_scores, eer, save_roc, tar_at_far, verification_metrics
+from lib.errors import DataError
+from lib.metrics.face import (accuracy_at, best_accuracy, cosine_scores, eer, heldout_metrics, random_embeddings,
+                              save_roc, tar_at_far, verification_metrics)
 
 
 def brute_force_eer(scores, labels):
@@ -52,7 +54,7 @@ def test_tar_at_far_and_best_accuracy_hand_computed():
     m = verification_metrics(torch.tensor(scores), torch.tensor(labels), far=1e-3)
     assert m["EER"] == pytest.approx(100 * brute_force_eer(scores, labels))
     assert m["TAR@FAR=0.001"] == pytest.approx(60.0) and m["acc"] == pytest.approx(90.0)
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(DataError, match="both"):
         eer([0.1, 0.2], [1, 1])
 
 
@@ -63,3 +65,20 @@ def test_cosine_scores_and_roc_png(tmp_path):
     save_roc(np.array([0.9, 0.8, 0.3, 0.7, 0.2]), np.array([1, 1, 1, 0, 0]), tmp_path / "roc.png")
     data = (tmp_path / "roc.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_test_metrics_use_the_given_threshold_and_label_the_fallback():
+    scores = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    # threshold 0.5 from elsewhere: accepted 0.9, 0.8, 0.6 -> correct: 2 same + 2 different of 6 ... by hand:
+    # pairs (0.9,1) ok, (0.8,1) ok, (0.3,1) miss, (0.6,0) false accept, (0.2,0) ok, (0.1,0) ok -> 4/6
+    m = heldout_metrics(scores, labels, threshold=0.5)
+    assert m["acc"] == pytest.approx(100 * 4 / 6) and m["threshold"] == 0.5 and m["pairs"] == 6
+    assert m["EER"] == pytest.approx(100 * eer(scores, labels)[0]) and "acc_at_test_eer_threshold" not in m
+    assert accuracy_at(scores, labels, 0.25) == pytest.approx(5 / 6)  # only 0.6 wrong
+    fb = heldout_metrics(scores, labels)  # no validation threshold: at this set's own EER threshold, named so
+    assert "acc" not in fb and fb["acc_at_test_eer_threshold"] == pytest.approx(
+        100 * accuracy_at(scores, labels, fb["eer_threshold"]))
+    e = random_embeddings(5, 8, seed=1)
+    assert e.shape == (5, 8) and torch.allclose(e.norm(dim=1), torch.ones(5))
+    assert torch.equal(e, random_embeddings(5, 8, seed=1)) and not torch.equal(e, random_embeddings(5, 8, seed=2))

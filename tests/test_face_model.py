@@ -10,7 +10,7 @@ from lib.config import load_yaml
 from lib.losses.face import FaceLossConfig, build_heads
 from lib.models.face import (FaceModelConfig, FaceNet, check_budget, convert_state_dict, count_params,
                               load_backbone)
-from lib.runtime import UserError
+from lib.errors import ModelError
 from tests.conftest import ROOT
 
 
@@ -37,6 +37,9 @@ def basic_resnet_count(chs, depths, stem_k=7):
     ("resnet34", "", "resnet34", {}, 21_284_672),
     ("resnet18", "se", "seresnet18", {}, 11_266_624),
     ("resnet18", "cbam", "resnet18", {"block_args": {"attn_layer": "cbam"}}, 11_264_352),
+    ("resnet50", "", "resnet50", {}, 23_508_032),  # Bottleneck blocks
+    ("resnet50", "se", "seresnet50", {}, 26_039_024),
+    ("resnet50", "cbam", "resnet50", {"block_args": {"attn_layer": "cbam"}}, 26_024_576),
 ])
 def test_resnet_matches_timm_count_and_outputs(backbone, attn, timm_name, timm_kw, known):
     ref = timm.create_model(timm_name, num_classes=0, **timm_kw).eval()
@@ -95,7 +98,7 @@ def test_timm_backbones_count_embed_and_both_sizes(name, known, feat):
 
 def test_budget_check_fires_and_grid_configs_fit():
     big = count_params(FaceNet(FaceModelConfig(backbone="resnet34", embed_dim=512)))
-    with pytest.raises(UserError, match="over the budget model.max_params=11,500,000"):
+    with pytest.raises(ModelError, match="over the budget model.max_params=11,500,000"):
         check_budget(big, 11_500_000)
     check_budget(big, 0)  # 0 = no budget
     se512 = count_params(FaceNet(FaceModelConfig(backbone="resnet18", attn="se", embed_dim=512)))
@@ -122,7 +125,49 @@ def test_frozen_stages_and_head_prefix():
 
 
 def test_unknown_backbone_is_a_user_error():
-    with pytest.raises(UserError, match="model.backbone"):
+    with pytest.raises(ModelError, match="model.backbone"):
         FaceNet(FaceModelConfig(backbone="no_such_net"))
-    with pytest.raises(UserError, match="resnet18/34 only"):
+    with pytest.raises(ModelError, match="resnet18/resnet34/resnet50/resnet101 only"):
         FaceNet(FaceModelConfig(backbone="mobilenetv2_100", attn="se"))
+    with pytest.raises(ModelError, match="model.timm_kwargs apply to timm backbones"):
+        FaceNet(FaceModelConfig(backbone="resnet50", timm_kwargs={"channel_multiplier": 0.5}))
+    with pytest.raises(ModelError, match="model.timm_kwargs .*no_such_kwarg"):
+        FaceNet(FaceModelConfig(backbone="mobilenetv2_100", timm_kwargs={"no_such_kwarg": 1}))
+
+
+def bottleneck_resnet_count(planes, depths):
+    """Hand formula: 7x7 stem + BN, then per block 1x1, 3x3, 1x1 (x4) convs + 3 BNs (+ 1x1 conv + BN shortcut)."""
+    n = 3 * 49 * planes[0] + 2 * planes[0]
+    cin = planes[0]
+    for c, d in zip(planes, depths):
+        for j in range(d):
+            i = cin if j == 0 else 4 * c
+            n += i * c + 9 * c * c + c * 4 * c + 2 * c + 2 * c + 8 * c
+            if i != 4 * c:
+                n += i * 4 * c + 8 * c
+        cin = 4 * c
+    return n
+
+
+def test_bottleneck_resnet_width_multiplier_and_budget():
+    m = FaceNet(FaceModelConfig(backbone="resnet50", width=0.5, embed_dim=256))
+    planes = [32, 64, 128, 256]  # round(0.5 * [64, 128, 256, 512]), x4 out of each block
+    assert m.backbone.num_features == 1024
+    assert n_params(m.backbone) == bottleneck_resnet_count(planes, (3, 4, 6, 3))
+    assert bottleneck_resnet_count([64, 128, 256, 512], (3, 4, 6, 3)) == 23_508_032  # the formula at width 1 = timm
+    assert count_params(m)["without_head"] == n_params(m.backbone) + 1024 * 256 + 2 * 256 < 11_500_000
+    assert m(torch.randn(2, 3, 112, 112)).shape == (2, 256)
+    se = FaceNet(FaceModelConfig(backbone="resnet50", width=0.5, attn="se"))
+    assert n_params(se.backbone) > n_params(m.backbone)
+
+
+def test_efficientnet_width_multiplier_through_timm_kwargs():
+    # timm's registered efficientnet_b2 is B0's blocks at channel 1.1 x depth 1.2: the same network
+    b2 = FaceNet(FaceModelConfig(backbone="efficientnet_b0",
+                                 timm_kwargs={"channel_multiplier": 1.1, "depth_multiplier": 1.2}))
+    assert n_params(b2.backbone) == n_params(timm.create_model("efficientnet_b2", num_classes=0)) == 7_700_994
+    slim = FaceNet(FaceModelConfig(backbone="efficientnet_b0", timm_kwargs={"channel_multiplier": 0.75}))
+    assert n_params(slim.backbone) == 2_371_440 < 4_007_548  # B0 at width 0.75 < B0
+    assert slim.backbone.num_features == 960  # the 1280-channel head conv is scaled too
+    other = FaceNet(FaceModelConfig(backbone="mobilenetv2_100", timm_kwargs={"drop_rate": 0.3}))  # plain pass-through
+    assert other.backbone.drop_rate == 0.3

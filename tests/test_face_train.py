@@ -30,7 +30,7 @@ def rows(path):
 def test_train_eval_predict_and_finetune(tmp_path):
     train_dir = tmp_path / "train"
     out = run(train_dir, "train.total_steps=16", "train.eval_interval=8", "train.ckpt_interval=8",
-              "optim.lr=3e-3", "sched.warmup_steps=0", "data.aug=none")
+              "optim.lr=3e-3", "sched.warmup_steps=0", "data.aug.flip_p=0", "data.aug.rotation=0")
     losses = rows(train_dir / "train.jsonl")
     assert sum(r["loss"] for r in losses[-4:]) / 4 < 0.7 * losses[0]["loss"]
     evals = rows(train_dir / "metrics.jsonl")
@@ -71,7 +71,7 @@ def test_train_eval_predict_and_finetune(tmp_path):
 
 def test_resume_is_bit_identical(tmp_path):
     common = ["train.total_steps=5", "train.eval_interval=100", "train.ckpt_interval=2", "train.max_keep_ckpts=5",
-              "loss.terms=[triplet,cosface]", "loss.weights=[1,1]", "data.aug=medium"]
+              "loss.terms=[triplet,cosface]", "loss.weights=[1,1]", "data.aug.jitter=0.3", "data.aug.rotation=10"]
     full = tmp_path / "full"
     run(full, *common)  # 3 P x K steps per epoch: step 4 is mid-epoch
     part = tmp_path / "part"
@@ -104,7 +104,22 @@ def test_bad_input_gives_one_line_error(tmp_path, extra, message):
     (["loss.terms=[arcface]"], "loss.weights has 2 values for 1 loss.terms"),
     (["loss.terms=[arcface]", "loss.weights=[1]", "data.mixup_alpha=0.2"], "MixUp/CutMix need loss.terms=[softmax]"),
     (["data.val_pairs=/nonexistent/pairs.csv"], "pair list not found: /nonexistent/pairs.csv"),
+    (["predict=tests/data/face/val"], "predict needs load_from=PATH"),
+    (["export=onnx"], "export needs load_from=PATH"),
+    (["baseline=random"], "baseline=random is evaluated with eval_only=true"),
+    (["eval_only=true", "baseline=mean_pose"], "baseline: face has 'random'"),
+    (["eval_only=true"], "eval_only=true needs load_from=PATH, ensemble=[...] or resume=PATH"),
+    (["eval_only=true", "baseline=random", "data.val_pairs=", "data.test_pairs="],
+     "eval_only=true needs data.val_pairs and/or data.test_pairs"),
 ])
 def test_config_checks(tmp_path, extra, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(tmp_path, *extra)
+
+
+@pytest.mark.parametrize("extra, key", [(["data.aug.grayscale_p=1.5"], "data.aug.grayscale_p"),
+                                        (["data.aug.rotation=-3"], "data.aug.rotation"),
+                                        (["model.timm_kwargs=[1]"], "model.timm_kwargs")])
+def test_bad_augmentation_and_timm_keys_are_config_errors(tmp_path, extra, key):
+    with pytest.raises(SystemExit, match=f"config error: {key}"):
         run(tmp_path, *extra)

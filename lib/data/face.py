@@ -10,10 +10,17 @@ list; an optional header line naming path_a), or LFW `pairs.txt` (first line `fo
 per fold n same-person lines `name i j` and n different-person lines `name1 i name2 j`,
 image `<root>/<name>/<name>_<i:04d>.jpg`).
 
-Augmentation presets (train): conservative = flip + rotation 5; medium = + colour jitter,
-rotation 10; aggressive = medium + affine, grayscale, Gaussian blur, random erasing; optional
-timm RandAugment ("rand-m9-mstd0.5") / AutoAugment ("original", "v0") / AugMix ("augmix-m5")
-strings. Every random draw of a sample depends on (seed, epoch, index) only (lib.data.common).
+Geometry: optional central crop (`center_crop`), then resize to `image_size`, or, with `resize`
+> `image_size`, resize to `resize` and crop `image_size` (random when training, central for eval:
+the ImageNet-style "resize 256 + random crop 224").
+Augmentation (train), each a key of `data.aug` (FaceAugConfig; 0 = off), applied in this order:
+flip, colour jitter, rotation, affine, grayscale, Gaussian blur, [timm auto-augment], then random
+erasing on the tensor. The former presets are values of these keys (AUG_PRESETS, also what
+`build_transform` takes for a preset name): conservative = flip + rotation 5 (the defaults);
+medium = + colour jitter 0.3 (p 0.8), rotation 10; aggressive = medium + affine, grayscale 0.2,
+blur kernel 5 (p 0.2), erasing 0.25. Optional timm RandAugment ("rand-m9-mstd0.5") / AutoAugment
+("original", "v0") / AugMix ("augmix-m5") strings. Every random draw of a sample depends on
+(seed, epoch, index) only (lib.data.common).
 """
 
 from __future__ import annotations
@@ -23,16 +30,47 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from lib.data.common import DataError, read_image, require_dir, sample_rng, split_key
+from lib.config import Frac, NonNegFloat, NonNegInt, Range
+from lib.data.common import read_image, require_dir, sample_rng, split_key
+from lib.errors import DataError
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class FaceAugConfig:
+    """Train-time augmentation; every parameter is a key (0 = that step off)."""
+
+    flip_p: Frac = 0.5  # horizontal flip probability
+    jitter: NonNegFloat = 0.0  # colour jitter: brightness, contrast, saturation factors in [1 - j, 1 + j]
+    jitter_hue: Annotated[float, Range(ge=0, le=0.5)] = 0.05  # ... and hue shift in [-h, h] (when jitter > 0)
+    jitter_p: Frac = 0.8  # probability of the colour jitter
+    rotation: Annotated[float, Range(ge=0, le=180)] = 5.0  # degrees, U[-rotation, rotation]
+    translate: Frac = 0.0  # affine: shift up to this fraction of the side
+    scale: Annotated[float, Range(ge=0, lt=1)] = 0.0  # affine: zoom U[1 - scale, 1 + scale]
+    shear: NonNegFloat = 0.0  # affine: shear degrees
+    grayscale_p: Frac = 0.0
+    blur_kernel: NonNegInt = 0  # Gaussian blur kernel side (odd; 0 = off)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: Frac = 0.2  # probability of the blur (when blur_kernel > 0)
+    erasing_p: Frac = 0.0  # random erasing probability (on the normalised tensor)
+    erasing_scale: tuple[float, float] = (0.02, 0.2)  # erased area fraction
+
+
+AUG_PRESETS = {
+    "none": FaceAugConfig(flip_p=0.0, rotation=0.0),
+    "conservative": FaceAugConfig(),
+    "medium": FaceAugConfig(jitter=0.3, rotation=10.0),
+    "aggressive": FaceAugConfig(jitter=0.3, rotation=10.0, translate=0.08, scale=0.1, shear=5.0, grayscale_p=0.2,
+                                blur_kernel=5, erasing_p=0.25),
+}
 
 
 @dataclass
@@ -44,19 +82,21 @@ class FaceDataConfig:
     val_pairs: str = "tests/data/face/val_pairs.csv"  # .csv or LFW pairs.txt ("" = no validation)
     val_root: str = ""  # image root of the val pair paths ("" = the pair file's folder)
     val_folds: list[int] = field(default_factory=list)  # LFW pairs.txt folds to validate on ([] = all)
-    test_pairs: str = ""  # eval_only: pairs to score -> predictions.csv
+    test_pairs: str = ""  # eval_only: pairs to score -> predictions.csv (labelled: + test EER / TAR@FAR / acc at the
+    # validation threshold); predict: -> predict/scores.csv
     test_root: str = ""  # "" = the pair file's folder
     folds: int = 0  # identity-disjoint k-fold over root: validate on pairs made from fold `fold`'s identities
     fold: int = 0
     fold_pairs: int = 600  # pairs per k-fold validation set (half same, half different person)
     image_size: int = 112  # square input side (112 or 224 typical)
+    resize: NonNegInt = 0  # > image_size: resize to this side, then crop image_size (random for train, centre for eval)
     center_crop: float = 1.0  # keep this central fraction of the image before resizing (LFW 250 px: ~0.6)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # face convention: (x - 127.5) / 127.5
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     sampler: Literal["shuffle", "pk"] = "shuffle"  # pk: P identities x K images per batch
     classes_per_batch: int = 16  # P
     images_per_class: int = 4  # K
-    aug: Literal["none", "conservative", "medium", "aggressive"] = "conservative"
+    aug: FaceAugConfig = field(default_factory=FaceAugConfig)  # train augmentation (module docstring)
     auto_augment: str = ""  # timm: rand-m9-mstd0.5 | original | v0 | augmix-m5 ("" = off)
     mixup_alpha: float = 0.0  # timm MixUp (softmax loss only)
     cutmix_alpha: float = 0.0  # timm CutMix (softmax loss only)
@@ -87,6 +127,8 @@ def scan_identities(root: str | Path, identities: set[str] | None = None,
 
 
 class IdentityFolder(torch.utils.data.Dataset):
+    accepts_epoch_keys = True  # make_loader's samplers hand (index, epoch) keys
+
     def __init__(self, root: str | Path, transform, identities: set[str] | None = None, seed: int = 0,
                  indices: list[int] | None = None, min_images: int = 1):
         samples, classes = scan_identities(root, identities, min_images)
@@ -111,6 +153,8 @@ class IdentityFolder(torch.utils.data.Dataset):
 
 class ImageList(torch.utils.data.Dataset):
     """Evaluation images (the unique images of a pair list), deterministic transform."""
+
+    accepts_epoch_keys = True
 
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform
@@ -228,19 +272,34 @@ class FaceTransform:
 
 
 def build_transform(cfg: FaceDataConfig, train: bool) -> FaceTransform:
-    s = cfg.image_size
-    ops: list = [CenterCropFraction(cfg.center_crop), T.Resize((s, s), antialias=True)]
+    s, a = cfg.image_size, cfg.aug
+    if isinstance(a, str):  # a preset name (Python callers, e.g. bench/)
+        a = AUG_PRESETS[a]
+    ops: list = [CenterCropFraction(cfg.center_crop)]
+    if cfg.resize > s:
+        ops += [T.Resize((cfg.resize, cfg.resize), antialias=True), T.RandomCrop(s) if train else T.CenterCrop(s)]
+    else:
+        ops.append(T.Resize((s, s), antialias=True))
     post: list = []
-    if train and cfg.aug != "none":
-        ops.append(T.RandomHorizontalFlip())
-        if cfg.aug == "conservative":
-            ops.append(T.RandomRotation(5))
-        else:
-            ops += [T.RandomApply([T.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8), T.RandomRotation(10)]
-        if cfg.aug == "aggressive":
-            ops += [T.RandomAffine(0, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=5),
-                    T.RandomGrayscale(0.2), T.RandomApply([T.GaussianBlur(5, (0.1, 2.0))], p=0.2)]
-            post.append(T.RandomErasing(p=0.25, scale=(0.02, 0.2)))
+    if train:
+        if a.flip_p > 0:
+            ops.append(T.RandomHorizontalFlip(a.flip_p))
+        if a.jitter > 0:
+            ops.append(T.RandomApply([T.ColorJitter(a.jitter, a.jitter, a.jitter, a.jitter_hue)], p=a.jitter_p))
+        if a.rotation > 0:
+            ops.append(T.RandomRotation(a.rotation))
+        if a.translate > 0 or a.scale > 0 or a.shear > 0:
+            ops.append(T.RandomAffine(0, translate=(a.translate, a.translate) if a.translate > 0 else None,
+                                      scale=(1 - a.scale, 1 + a.scale) if a.scale > 0 else None,
+                                      shear=a.shear if a.shear > 0 else None))
+        if a.grayscale_p > 0:
+            ops.append(T.RandomGrayscale(a.grayscale_p))
+        if a.blur_kernel > 0:
+            if a.blur_kernel % 2 == 0:
+                raise DataError(f"data.aug.blur_kernel must be odd, got {a.blur_kernel}")
+            ops.append(T.RandomApply([T.GaussianBlur(a.blur_kernel, a.blur_sigma)], p=a.blur_p))
+        if a.erasing_p > 0:
+            post.append(T.RandomErasing(p=a.erasing_p, scale=a.erasing_scale))
     if train and cfg.auto_augment:
         ops.append(_timm_auto_augment(cfg.auto_augment, s, cfg.mean))
     ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)] + post

@@ -3,6 +3,8 @@
     scores = cosine_scores(emb_a, emb_b)               # (N,) in [-1, 1]
     m = verification_metrics(scores, labels)           # {"EER": %, "TAR@FAR=1e-3": %, "acc": %, "threshold": t}
     save_roc(scores, labels, run_dir / "roc.png")
+    t = heldout_metrics(test_scores, test_labels, m["threshold"])   # threshold from validation, not test
+    emb = random_embeddings(n, dim, seed)              # the trivial baseline's (n, dim) embeddings
 
 Percentages (0-100). The ROC comes from scikit-learn's `roc_curve` with every threshold kept;
 EER is where the false-accept rate equals the false-reject rate on that curve, linearly
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_curve
 
+from lib.errors import DataError
+
 
 def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, D), (N, D) -> (N,) cosine similarity of the L2-normalised embeddings."""
@@ -29,7 +33,8 @@ def roc(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds): a pair is accepted as same-person when score >= threshold."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
     if labels.min() == labels.max():
-        raise ValueError("verification needs both same-person (1) and different-person (0) pairs")
+        raise DataError(f"verification needs both same-person (1) and different-person (0) pairs, got {len(labels)} "
+                        f"pairs all labelled {int(labels[0])}")
     return roc_curve(labels, scores, drop_intermediate=False)
 
 
@@ -69,6 +74,33 @@ def verification_metrics(scores, labels, far: float = 1e-3) -> dict[str, float]:
     acc, acc_thr = best_accuracy(scores, labels)
     return {"EER": 100 * e, f"TAR@FAR={far:g}": 100 * tar_at_far(scores, labels, far), "acc": 100 * acc,
             "threshold": acc_thr, "eer_threshold": e_thr, "pairs": int(len(labels))}
+
+
+def accuracy_at(scores, labels, threshold: float) -> float:
+    """Accuracy (0-1) of "same person when score >= threshold"."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
+    return float(((scores >= threshold).astype(int) == labels).mean())
+
+
+def heldout_metrics(scores, labels, threshold: float | None = None, far: float = 1e-3) -> dict[str, float]:
+    """Held-out pairs: threshold-free EER / TAR@FAR, and the accuracy at a threshold chosen elsewhere
+    (validation). Without one, the accuracy at these pairs' own EER threshold, named so
+    (`acc_at_test_eer_threshold`: fitted on the pairs it scores, an optimistic number)."""
+    scores = scores.cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    e, e_thr = eer(scores, labels)
+    out = {"EER": 100 * e, f"TAR@FAR={far:g}": 100 * tar_at_far(scores, labels, far)}
+    if threshold is not None:
+        out |= {"acc": 100 * accuracy_at(scores, labels, threshold), "threshold": float(threshold)}
+    else:
+        out |= {"acc_at_test_eer_threshold": 100 * accuracy_at(scores, labels, e_thr), "eer_threshold": e_thr}
+    return out | {"pairs": int(len(labels))}
+
+
+def random_embeddings(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(n, dim) L2-normalised Gaussian embeddings from `seed`: the trivial "random embedding" baseline."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g), dim=1)
 
 
 def save_roc(scores, labels, path: str | Path, title: str = "") -> None:

@@ -6,13 +6,17 @@
     count_params(model)                    # {"total": ..., "without_head": ...}  (budget counts the latter)
 
 Backbones (all random init; weights only from a local file):
-  * `resnet18` / `resnet34`: torchvision/timm BasicBlock ResNet with a width multiplier
-    (channels round(64w), round(128w), ...) and optional SE or CBAM in every block. Keys are
+  * `resnet18` / `resnet34` (BasicBlock) and `resnet50` / `resnet101` (Bottleneck: 1x1 -> 3x3 -> 1x1,
+    expansion 4): torchvision/timm ResNet with a width multiplier (stage widths round(64w),
+    round(128w), ...; x4 out of a bottleneck) and optional SE or CBAM in every block. Keys are
     timm's (`conv1`, `layer1.0.conv2`, SE `se.fc1`, CBAM `se.channel.fc1`), so timm / torchvision
     ResNet weight files load as they are (`convert_state_dict`); at width 1 the parameter count
-    equals timm's `resnet18` / `seresnet18` / `resnet18` + CBAM with num_classes=0.
+    equals timm's `resnet18` / `seresnet18` / `resnet50` / `seresnet50` (+ CBAM) with num_classes=0.
   * `efficientnet_b0`, `mobilenetv2_100`, `tiny_vit_11m_224` (any timm name): `timm.create_model(
-    name, num_classes=0)`; its own `forward_head(pre_logits=True)` pools (TinyViT: + its LayerNorm).
+    name, num_classes=0, **model.timm_kwargs)`; its own `forward_head(pre_logits=True)` pools (TinyViT:
+    + its LayerNorm). EfficientNet-B0..B7 take `channel_multiplier` / `depth_multiplier` in
+    `model.timm_kwargs` (the width multiplier: {channel_multiplier: 0.75}); timm's registered names fix
+    them, so these two go to timm's EfficientNet generator with the variant's other settings.
 Embedding: dropout -> Linear(C, D, bias=False) -> BatchNorm1d(D) (the "BN-FC-BN"-less, pooled variant
 of ArcFace's output layer: no resolution-dependent flatten, so 112 and 224 inputs both work).
 The classification weights live in `model.heads` (lib/losses/face.py): the "head" that the
@@ -22,7 +26,8 @@ parameter budget excludes is exactly the parameters under `heads.`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
@@ -30,16 +35,21 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 from torch import nn
 
-from lib.runtime import UserError
+from lib.errors import ModelError
 
 HEAD_PREFIX = "heads."
-RESNET_DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+           "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
+# EfficientNet compound scaling (channel, depth) of timm's registered names (Tan & Le 2019, Table 2 / timm)
+EFFNET_SCALE = {"efficientnet_b0": (1.0, 1.0), "efficientnet_b1": (1.0, 1.1), "efficientnet_b2": (1.1, 1.2),
+                "efficientnet_b3": (1.2, 1.4), "efficientnet_b4": (1.4, 1.8), "efficientnet_b5": (1.6, 2.2),
+                "efficientnet_b6": (1.8, 2.6), "efficientnet_b7": (2.0, 3.1)}
 
 
 @dataclass
 class FaceModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet34 | efficientnet_b0 | mobilenetv2_100 | tiny_vit_11m_224 | timm name
-    width: float = 1.0  # resnet channel multiplier (0.72 -> 46, 92, 184, 369 channels)
+    backbone: str = "resnet18"  # resnet18/34/50/101 | efficientnet_b0 | mobilenetv2_100 | tiny_vit_11m_224 | timm name
+    width: float = 1.0  # resnet channel multiplier (0.72 -> 46, 92, 184, 369 channels; x4 out of a bottleneck)
     attn: str = ""  # resnet block attention: "" | se | cbam
     stem_stride: int = 4  # resnet: 4 = 7x7/2 conv + max-pool (timm), 2 = 3x3/2 conv, no pool (more detail at 112 px)
     embed_dim: int = 512
@@ -48,6 +58,8 @@ class FaceModelConfig:
     max_params: int = 11_500_000  # budget without the classification head (0 = no check)
     backbone_weights: str = ""  # local timm/torchvision-layout file for the backbone ("" = random init)
     frozen_stages: int = 0  # resnet: freeze the stem and the first N stages (fine-tuning)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm backbones: create_model keyword arguments,
+    # e.g. {channel_multiplier: 0.75} (EfficientNet width multiplier), {drop_rate: 0.2}
 
 
 # ----------------------------------------------------------------------------- ResNet
@@ -122,15 +134,44 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class ResNet(nn.Module):
-    """BasicBlock ResNet-18/34 without classifier; `width` scales every stage's channels."""
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride) -> 1x1 x4 channels, attention after the last BN (timm / torchvision ResNet-50 keys)."""
 
-    def __init__(self, depths=(2, 2, 2, 2), width: float = 1.0, attn: str = "", stem_stride: int = 4):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, attn: str):
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.se = SE(cout) if attn == "se" else CBAM(cout) if attn == "cbam" else None
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, 4 planes, H/s, W/s)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """BasicBlock ResNet-18/34 or Bottleneck ResNet-50/101 without classifier; `width` scales every stage."""
+
+    def __init__(self, depths=(2, 2, 2, 2), width: float = 1.0, attn: str = "", stem_stride: int = 4,
+                 block: str = "basic"):
         super().__init__()
         if attn not in ("", "se", "cbam"):
-            raise UserError(f"model.attn must be '', 'se' or 'cbam', got '{attn}'")
+            raise ModelError(f"model.attn must be '', 'se' or 'cbam', got '{attn}'")
         if stem_stride not in (2, 4):
-            raise UserError(f"model.stem_stride must be 2 or 4, got {stem_stride}")
+            raise ModelError(f"model.stem_stride must be 2 or 4, got {stem_stride}")
         chs = [max(int(round(c * width)), 8) for c in (64, 128, 256, 512)]
         stem = chs[0]
         if stem_stride == 4:
@@ -140,12 +181,13 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(stem)
+        cls, expansion = (Bottleneck, 4) if block == "bottleneck" else (BasicBlock, 1)
         cin = stem
         for i, (c, d) in enumerate(zip(chs, depths)):
-            blocks = [BasicBlock(cin if j == 0 else c, c, 2 if (i > 0 and j == 0) else 1, attn) for j in range(d)]
+            blocks = [cls(cin if j == 0 else c * expansion, c, 2 if (i > 0 and j == 0) else 1, attn) for j in range(d)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            cin = c
-        self.num_features = chs[-1]
+            cin = c * expansion
+        self.num_features = cin
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -155,6 +197,8 @@ class ResNet(nn.Module):
         for m in self.modules():  # zero-init the last BN of each residual branch (timm / Goyal et al.)
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
+            elif isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
 
     def forward_features(self, x):  # (B, 3, H, W) -> (B, C, H/32, W/32)  (H/16 with stem_stride 2)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -186,23 +230,45 @@ class Embedding(nn.Module):
         return self.bn(self.fc(self.drop(x)))
 
 
+def timm_backbone(name: str, drop_path_rate: float = 0.0, kwargs: dict | None = None) -> nn.Module:
+    """timm model without classifier; `kwargs` pass through to timm (EfficientNet channel / depth multipliers
+    go to timm's generator with the variant's config, as its registered names fix them)."""
+    kwargs = dict(kwargs or {})
+    try:
+        if name in EFFNET_SCALE and {"channel_multiplier", "depth_multiplier"} & set(kwargs):
+            from timm.models.efficientnet import _gen_efficientnet
+
+            cm, dm = EFFNET_SCALE[name]
+            cm, dm = kwargs.pop("channel_multiplier", cm), kwargs.pop("depth_multiplier", dm)
+            return _gen_efficientnet(name, channel_multiplier=cm, depth_multiplier=dm, pretrained=False,
+                                     num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise ModelError(f"model.backbone: {e}") from None
+    except TypeError as e:  # a keyword the timm model does not take
+        raise ModelError(f"model.timm_kwargs {kwargs} for '{name}': {e}") from None
+
+
 class FaceNet(nn.Module):
+    head_prefixes = (HEAD_PREFIX,)  # parameters of the classification heads (optimizer groups, budget)
+
     def __init__(self, cfg: FaceModelConfig, heads: nn.ModuleDict | None = None):
         super().__init__()
         self.cfg = cfg
-        if cfg.backbone in RESNET_DEPTHS:
-            self.backbone = ResNet(RESNET_DEPTHS[cfg.backbone], cfg.width, cfg.attn, cfg.stem_stride)
+        if cfg.backbone in RESNETS:
+            if cfg.timm_kwargs:
+                raise ModelError(f"model.timm_kwargs apply to timm backbones, not '{cfg.backbone}' "
+                                 "(use model.width / model.attn)")
+            block, depths = RESNETS[cfg.backbone]
+            self.backbone = ResNet(depths, cfg.width, cfg.attn, cfg.stem_stride, block)
         else:
             if cfg.attn or cfg.width != 1.0:
-                raise UserError(f"model.attn / model.width apply to resnet18/34 only, not '{cfg.backbone}'")
-            try:
-                self.backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
-                                                  drop_path_rate=cfg.drop_path_rate)
-            except RuntimeError as e:  # timm: "Unknown model (...)"
-                raise UserError(f"model.backbone: {e}") from None
+                raise ModelError(f"model.attn / model.width apply to {'/'.join(RESNETS)} only, not '{cfg.backbone}'"
+                                 " (timm backbones: model.timm_kwargs, e.g. {channel_multiplier: 0.75})")
+            self.backbone = timm_backbone(cfg.backbone, cfg.drop_path_rate, cfg.timm_kwargs)
         if cfg.frozen_stages:
             if not isinstance(self.backbone, ResNet):
-                raise UserError("model.frozen_stages is supported for resnet18/34 backbones only")
+                raise ModelError(f"model.frozen_stages is supported for {'/'.join(RESNETS)} backbones only")
             self.backbone.freeze_stages(cfg.frozen_stages)
         self.embed = Embedding(self.backbone.num_features, cfg.embed_dim, cfg.dropout)
         self.heads = heads if heads is not None else nn.ModuleDict()
@@ -240,9 +306,9 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 
 def check_budget(counts: dict[str, int], max_params: int) -> None:
-    """UserError when the parameters without the head exceed `max_params` (0 = no budget)."""
+    """ModelError when the parameters without the head exceed `max_params` (0 = no budget)."""
     if max_params and counts["without_head"] > max_params:
-        raise UserError(f"model has {counts['without_head']:,} parameters without the head, over the budget "
+        raise ModelError(f"model has {counts['without_head']:,} parameters without the head, over the budget "
                         f"model.max_params={max_params:,} (reduce model.width / embed_dim or pick a smaller backbone)")
 
 
