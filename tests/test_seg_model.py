@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lib.checkpoint import WeightFileError, load_weights
+from lib.errors import ModelError
 from lib.models.segformer import SegFormer, convert_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +88,7 @@ def test_wrong_weight_file_is_a_clear_error(tmp_path):
         load_weights(model, bad, convert_state_dict)
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
-    with pytest.raises(ValueError, match="unrecognised SegFormer weight layout"):
+    with pytest.raises(WeightFileError, match="resnet.pth: unrecognised SegFormer weight layout"):
         load_weights(model, other, convert_state_dict)
     b2 = tmp_path / "b2.pth"
     torch.save(SegFormer("b2", 11).state_dict(), b2)
@@ -95,3 +96,24 @@ def test_wrong_weight_file_is_a_clear_error(tmp_path):
         load_weights(model, b2, convert_state_dict)
     with pytest.raises(WeightFileError, match="not found"):
         load_weights(model, tmp_path / "missing.safetensors")
+
+
+def test_unknown_layout_is_a_model_error_and_one_line_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with pytest.raises(ModelError, match="unrecognised SegFormer weight layout"):
+        convert_state_dict({"conv1.weight": torch.zeros(1)})
+    with pytest.raises(ModelError, match="unknown SegFormer variant 'b9'"):
+        SegFormer("b9", 11)
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
+    r = subprocess.run([sys.executable, "train_seg.py", "--config", "configs/seg/sample.yaml", "tracker=none",
+                        f"output_dir={tmp_path / 'run'}", "eval_only=true", f"load_from={other}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "resnet.pth: unrecognised SegFormer weight layout" in last, last

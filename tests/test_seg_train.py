@@ -128,8 +128,9 @@ def test_two_processes_equal_one_process_with_same_global_batch(tmp_path):
         for k in ("mIoU", "mAcc", "aAcc"):
             assert r1[k] == pytest.approx(r2[k], abs=0.01), (k, r1[k], r2[k])
     w1, w2 = weights(tmp_path / "one" / "checkpoints" / "step_4"), weights(tmp_path / "two" / "checkpoints" / "step_4")
-    for k in w1:
-        if w1[k].is_floating_point() and "running_var" not in k:
-            assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-3), k
+    for k in w1:  # BN running statistics: float sums in another order, amplified by 4 SGD steps at lr 0.05
+        if w1[k].is_floating_point():
+            tol = 1e-2 if "running_" in k else 1e-3
+            assert torch.allclose(w1[k], w2[k], rtol=tol, atol=tol), k
     # the two processes really formed one group: each saw half of every global batch
     assert "processes: 2" in (tmp_path / "two" / "log.txt").read_text()

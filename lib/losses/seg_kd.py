@@ -4,7 +4,10 @@ All take student first, teacher second; the teacher is detached inside. Each is 
 student equals the teacher, and its gradient moves the student towards the teacher.
 
   kl_div            pixel-wise KL(p_t || p_s) of class softmaxes at temperature T, times T^2
-                    (Hinton et al. 2015), mean over valid pixels.
+                    (Hinton et al. 2015), mean over valid pixels. Computed at the logit resolution
+                    (H/4, W/4), as mmrazor's KLDivergence sees the decode head's logits; pixels whose
+                    label is ignore_index are left out, like the CE: the label mask is downsampled
+                    to the logit grid with nearest (the resampling that keeps label ids).
   channel_wise      CWD (Shu et al., ICCV 2021): per channel, a softmax over spatial positions at
                     temperature T; KL(teacher || student) summed over positions, times T^2,
                     mean over channels and batch.
@@ -28,7 +31,8 @@ def _match_size(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def kl_div(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
            valid: torch.Tensor | None = None) -> torch.Tensor:
-    """student, teacher: (B, K, H, W) logits; valid: optional (B, H, W) bool mask of pixels to use."""
+    """student, teacher: (B, K, h, w) logits; valid: optional (B, H, W) bool mask of pixels to use (e.g.
+    label != ignore_index at label resolution; nearest-resized to (h, w)). No valid pixel -> 0."""
     teacher = _match_size(student, teacher.detach())
     log_ps = F.log_softmax(student.float() / temperature, dim=1)
     log_pt = F.log_softmax(teacher.float() / temperature, dim=1)

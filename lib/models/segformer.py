@@ -23,6 +23,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lib.errors import ModelError
+
 MIT_SETTINGS = {  # embed dims, depths, decoder dim
     "b0": ([32, 64, 160, 256], [2, 2, 2, 2], 256),
     "b1": ([64, 128, 320, 512], [2, 2, 2, 2], 256),
@@ -158,11 +160,13 @@ class SegFormerHead(nn.Module):
 
 
 class SegFormer(nn.Module):
+    head_prefixes = ("decode_head.",)  # parameter names of the head (lib.optim.param_groups: optim.head_lr_mult)
+
     def __init__(self, variant: str = "b0", num_classes: int = 19, drop_path_rate: float = 0.1,
                  decoder_dropout: float = 0.1, ln_eps: float = 1e-6, in_chans: int = 3):
         super().__init__()
         if variant not in MIT_SETTINGS:
-            raise ValueError(f"unknown SegFormer variant '{variant}' (choose from {list(MIT_SETTINGS)})")
+            raise ModelError(f"unknown SegFormer variant '{variant}' (choose from {list(MIT_SETTINGS)})")
         dims, depths, dec = MIT_SETTINGS[variant]
         self.dims, self.num_classes = dims, num_classes
         self.backbone = MixTransformer(dims, depths, in_chans, drop_path_rate=drop_path_rate, eps=ln_eps)
@@ -264,9 +268,11 @@ def detect_layout(sd: dict) -> str:
     if any(re.match(r"^(backbone\.)?patch_embed1\.", k) for k in keys):
         return "nvlabs"
     if any(k.startswith("backbone.layers.") for k in keys):
-        raise ValueError("mmseg 1.x SegFormer layout (backbone.layers.*, decode_head.convs.*) is not supported; "
+        raise ModelError("mmseg 1.x SegFormer layout (backbone.layers.*, decode_head.convs.*) is not supported; "
                          "use the HF or NVlabs checkpoint of the same model")
-    raise ValueError("unrecognised SegFormer weight layout (expected HF transformers, NVlabs or this project's keys)")
+    some = ", ".join(keys[:3])
+    raise ModelError(f"unrecognised SegFormer weight layout (keys like {some}; expected HF transformers, NVlabs, "
+                     "MiT backbone or this project's keys)")
 
 
 def convert_state_dict(sd: dict) -> dict:
