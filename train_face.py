@@ -20,7 +20,10 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
 The model (backbone + embedding) must fit `model.max_params` (11.5M) without its classification
 head; the margin heads (lib/losses/face.py) hold the class weights under `model.heads`. The best
 checkpoint is the one with the lowest validation EER (cosine scores of L2-normalised embeddings,
-optionally averaged with the horizontally flipped image). `load_from` takes this script's
+optionally averaged with the horizontally flipped image); `ema.decay=0.999` also keeps an EMA of the weights,
+evaluated beside them (ema_EER, ...) with its own best in checkpoints/best_ema. `train.unit=epoch` counts
+total_steps / intervals / schedule steps in epochs. Ctrl-C saves a step checkpoint (continue: resume=auto),
+and a resume keeps the best checkpoint of the steps before it. `load_from` takes this script's
 checkpoints (a different class count re-initialises the head only) or timm/torchvision backbone
 files (lib/models/face.py); `model.backbone_weights` loads a local backbone file into a fresh model.
 eval_only / predict / export build the embedding model only (no heads) and read no training folder:
@@ -31,23 +34,24 @@ chosen on `data.val_pairs` (never fitted on the test pairs).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 import numpy as np
 
-from lib.checkpoint import (eval_members, find_resume, load_checkpoint, load_weights, save_checkpoint,
-                            save_weights)
-from lib.config import RunConfig, TrainConfig, parse_config, resolve_units
+from lib.checkpoint import (BestCheckpoint, checkpoint_info, eval_members, find_resume, load_checkpoint,
+                            load_weights, save_checkpoint, save_weights)
+from lib.config import NonNegInt, PosInt, Range, RunConfig, TrainConfig, parse_config, resolve_units
 from lib.data.common import EpochSampler, kfold_indices, make_loader
 from lib.data.face import (FaceDataConfig, IdentityFolder, ImageList, PKSampler, build_mixup, build_transform,
                            lfw_identities, make_pairs, read_pairs, scan_identities)
+from lib.ema import ModelEMA
 from lib.errors import UserError
 from lib.logging import RunLog
 from lib.losses.face import FaceLossConfig, build_heads, face_losses, term_weights
@@ -55,16 +59,16 @@ from lib.metrics.face import cosine_scores, heldout_metrics, random_embeddings, 
 from lib.models.face import (FaceModelConfig, FaceNet, check_budget, convert_state_dict, count_params,
                               load_backbone)
 from lib.optim import build_optimizer, param_groups, scaled_lr
-from lib.runtime import cli_main, convert_sync_batchnorm, setup_run
+from lib.runtime import cli_main, convert_sync_batchnorm, setup_run, stop_requested
 from lib.schedules import lr_scheduler
 
 
 @dataclass
 class EvalConfig:
     flip_tta: bool = True  # embedding of image + its mirror image
-    batch_size: int = 64  # per process
-    far: float = 1e-3  # TAR@FAR
-    patience: int = 0  # early stopping: stop after this many evaluations without a lower EER (0 = off)
+    batch_size: PosInt = 64  # per process
+    far: Annotated[float, Range(gt=0, lt=1)] = 1e-3  # TAR@FAR
+    patience: NonNegInt = 0  # early stopping: stop after this many evaluations without a better best_metric (0 = off)
 
 
 @dataclass
@@ -87,6 +91,9 @@ def check_config(cfg: FaceConfig) -> None:
         raise UserError(f"MixUp/CutMix need loss.terms=[softmax] (soft targets), got {cfg.loss.terms}")
     if cfg.loss.sub_centers < 1:
         raise UserError("loss.sub_centers must be >= 1")
+    if cfg.data.folds and not (cfg.data.folds >= 2 and cfg.data.fold < cfg.data.folds):
+        raise UserError(f"data.folds={cfg.data.folds}, data.fold={cfg.data.fold}: k-fold needs folds >= 2 and "
+                        f"0 <= fold < folds")
     if cfg.baseline not in ("", "random"):
         raise UserError(f"baseline: face has 'random' (random embeddings), got '{cfg.baseline}'")
     if cfg.baseline and not cfg.eval_only:
@@ -100,6 +107,7 @@ def check_config(cfg: FaceConfig) -> None:
 @torch.no_grad()
 def embed(models: list, loader, cfg: FaceConfig, accelerator) -> torch.Tensor:
     """(N, D) L2-normalised embeddings of the loader's images in dataset order; ensembles average members."""
+    modes = [m.training for m in models]
     for m in models:
         m.eval()
     chunks, order = [], []
@@ -115,8 +123,8 @@ def embed(models: list, loader, cfg: FaceConfig, accelerator) -> torch.Tensor:
         idx, e = accelerator.gather_for_metrics((batch["index"], F.normalize(e, dim=1)))
         chunks.append(e.cpu())
         order.append(idx.cpu())
-    for m in models:
-        m.train()
+    for m, mode in zip(models, modes):
+        m.train(mode)
     out = torch.cat(chunks)
     return out[torch.cat(order).argsort()]
 
@@ -172,12 +180,6 @@ def load_model(model: FaceNet, path: str, log) -> None:
     load_weights(model, path, convert, skip_mismatched=True, log=log)
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step recorded in a checkpoint folder's trainer_state.json (None for a plain weight file)."""
-    state = Path(path) / "trainer_state.json"
-    return json.loads(state.read_text()).get("step") if state.is_file() else None
-
-
 def write_scores(path: Path, pairs, scores, threshold: float | None = None) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -204,11 +206,11 @@ def use_trained(cfg: FaceConfig, accelerator, log, run_dir: Path) -> dict:
     for path in paths if not cfg.baseline else []:
         m = build_model(cfg.model)
         load_model(m, path, log.info)
-        steps.append(checkpoint_step(path))
+        steps.append(checkpoint_info(path)["step"])  # None: a plain weight file
         members.append(m)
     step = steps[0] if steps and steps[0] is not None else 0
     for path, st in zip(paths, steps):
-        log.info(f"model: {path} ({'step ' + str(st) if st is not None else 'no trainer_state.json: step unknown'})")
+        log.info(f"model: {path} ({'step ' + str(st) if st is not None else 'step unknown'})")
     if cfg.baseline:
         log.info(f"baseline=random: seeded (seed {cfg.seed}) random {cfg.model.embed_dim}-d embeddings, no model")
     result: dict = {}
@@ -366,23 +368,29 @@ def main(argv: list[str] | None = None) -> dict:
         model = torch.compile(model)
     scheduler = lr_scheduler(optimizer, cfg.sched, cfg.train.total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = ModelEMA(model, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None  # fp32 copy (+ heads)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved in step_N, restored by load_checkpoint
     val_loader, val_index = pair_loader(val_pairs, cfg, accelerator) if val_pairs else (None, None)
     val_labels = torch.tensor([lab for lab, _, _ in val_pairs])
+    best = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode)  # checkpoints/best (EER, min)
+    best_ema = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode, name="best_ema")
 
     step = 0
     ckpt = find_resume(run_dir, cfg.resume)
     if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        log.info(f"resumed from {ckpt} at step {step}")
+        step = load_checkpoint(accelerator, ckpt, cfg)["step"]
+        log.resumed(step, ckpt)
+        best.restore(), best_ema.restore()  # a worse evaluation after the resume keeps the best so far
 
     # ---- training loop
     eval_every = cfg.train.eval_interval
     epoch, skip = divmod(step, steps_per_epoch)
-    best, stale, stop = None, 0, False
+    stale, stop = 0, False  # evaluations without a new best (early stopping: eval.patience)
     loss_sum, loss_n = torch.zeros((), device=accelerator.device), 0
     metrics: dict = {}
     model.train()
-    while step < cfg.train.total_steps and not stop:
+    while step < cfg.train.total_steps and not stop and not stop_requested(accelerator):
         train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
@@ -408,32 +416,42 @@ def main(argv: list[str] | None = None) -> dict:
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             log.train_step(step, {"loss": loss} | losses if len(losses) > 1 else losses, lr=lr, images=global_batch)
 
             if val_loader is not None and (step % eval_every == 0 or step == cfg.train.total_steps):
                 _, metrics = verify([model], val_loader, val_index, val_labels, cfg, accelerator, run_dir / "roc.png")
+                ema_metrics = {}
+                if ema is not None and cfg.ema.eval:  # the averaged weights through the same pairs
+                    _, ema_metrics = verify([ema.module], val_loader, val_index, val_labels, cfg, accelerator)
                 train_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_n, 1)
                 loss_sum, loss_n = torch.zeros_like(loss_sum), 0
-                log.eval(step, {"epoch": step / steps_per_epoch, "loss": train_loss} | metrics)
-                key, maximize = cfg.train.best_metric, cfg.train.best_mode == "max"  # EER / min unless set
-                better = best is None or (metrics[key] > best if maximize else metrics[key] < best)
-                if better:
-                    best, stale = metrics[key], 0
-                    save_weights(accelerator, model, run_dir / "checkpoints" / "best",
-                                 {"step": step, key: best, "threshold": metrics["threshold"]})
+                log.eval(step, {"epoch": step / steps_per_epoch, "loss": train_loss} | metrics
+                         | {f"ema_{k}": v for k, v in ema_metrics.items()})
+                if best.update(accelerator, model, step, metrics):  # train.best_metric / best_mode (EER, min)
+                    stale = 0
                 else:
                     stale += 1
                     if cfg.eval.patience and stale >= cfg.eval.patience:
-                        log.info(f"early stop at step {step}: no better {key} in {stale} evaluations (best {best:.4f})")
+                        log.info(f"early stop at step {step}: no better {best.metric} in {stale} evaluations "
+                                 f"(best {best.value:.4f} at step {best.step})")
                         stop = True
+                if ema_metrics:
+                    best_ema.update(accelerator, ema.module, step, ema_metrics)
             if stop or step % cfg.train.ckpt_interval == 0 or step == cfg.train.total_steps:
-                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts)
-            if stop or step >= cfg.train.total_steps:
+                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts, metrics=metrics)
+            if stop or step >= cfg.train.total_steps or stop_requested(accelerator):
                 break
         epoch += 1
-    if val_loader is None:  # nothing to select by: the last weights are the "best"
+    if step < cfg.train.total_steps and not stop:  # stopped by Ctrl-C / SIGTERM: save, say how to continue
+        state = {"epoch": step // steps_per_epoch}
+        log.interrupted(step, save_checkpoint(accelerator, run_dir, step, state, cfg.train.max_keep_ckpts, metrics=metrics))
+    elif val_loader is None:  # nothing to select by: the last weights are the "best"
         save_weights(accelerator, model, run_dir / "checkpoints" / "best", {"step": step})
+        if ema is not None:
+            save_weights(accelerator, ema.module, run_dir / "checkpoints" / "best_ema", {"step": step})
     log.close()
     return metrics
 

@@ -70,3 +70,18 @@ def test_early_stopping_and_best_checkpoint_follow_eer(tmp_path):
     assert f"early stop at step {stop}: no better EER in {patience} evaluations" in (out / "log.txt").read_text()
     state = json.loads((out / "checkpoints" / "best" / "trainer_state.json").read_text())
     assert state["step"] == best_step and state["EER"] == best == min(r["EER"] for r in evals)
+
+
+def test_pair_list_and_root_paths_follow_the_path_rule(tmp_path, monkeypatch):
+    # in a config file: relative to the project root wherever one stands; on the command line: to the current folder
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(train_face.FaceConfig, ["--config", str(ROOT / "configs/face/lfw.yaml")])
+    lfw = (ROOT.parent / "shared" / "data" / "lfw").resolve()
+    assert (cfg.data.root, cfg.data.val_root) == (str(lfw / "images"),) * 2
+    assert cfg.data.identities_from == cfg.data.val_pairs == str(lfw / "pairs_dev.txt")
+    cfg = parse_config(train_face.FaceConfig, ["--config", str(ROOT / "configs/face/sample.yaml"), "data.val_root=imgs",
+                                               "data.test_pairs=t.csv", "model.backbone_weights=w.pth"])
+    assert cfg.data.val_pairs == str(ROOT / "tests/data/face/val_pairs.csv")
+    assert cfg.data.test_root == ""  # "" stays "" (= the pair file's folder)
+    assert (cfg.data.val_root, cfg.data.test_pairs, cfg.model.backbone_weights) == (
+        str(tmp_path / "imgs"), str(tmp_path / "t.csv"), str(tmp_path / "w.pth"))

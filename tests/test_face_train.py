@@ -4,6 +4,7 @@ fine-tuning with a new head, resume, the parameter budget and bad input as one-l
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,7 @@ def test_train_eval_predict_and_finetune(tmp_path):
     with open(tmp_path / "eval" / "predictions.csv") as f:
         pred = list(csv.DictReader(f))
     assert len(pred) == 8 and all(-1 <= float(r["score"]) <= 1 for r in pred) and set(pred[0]) >= {"pair", "score"}
+    assert not (tmp_path / "eval" / "checkpoints").exists()  # eval_only writes no checkpoints
     ens = run(tmp_path / "ens", "eval_only=true", f"ensemble=[{best},{best}]")
     assert ens["EER"] == pytest.approx(ev["EER"], abs=1e-6) and ens["member1_EER"] == pytest.approx(ev["EER"], abs=1e-6)
 
@@ -69,18 +71,57 @@ def test_train_eval_predict_and_finetune(tmp_path):
     assert not torch.equal(a["heads.softmax.bias"][:6], b["heads.softmax.bias"])
 
 
-def test_resume_is_bit_identical(tmp_path):
-    common = ["train.total_steps=5", "train.eval_interval=100", "train.ckpt_interval=2", "train.max_keep_ckpts=5",
-              "loss.terms=[triplet,cosface]", "loss.weights=[1,1]", "data.aug.jitter=0.3", "data.aug.rotation=10"]
+def test_resume_with_ema_is_bit_identical_and_keeps_the_best(tmp_path):
+    common = ["train.total_steps=5", "train.eval_interval=2", "train.ckpt_interval=2", "train.max_keep_ckpts=5",
+              "loss.terms=[triplet,cosface]", "loss.weights=[1,1]", "data.aug.jitter=0.3", "data.aug.rotation=10",
+              "ema.decay=0.9"]
     full = tmp_path / "full"
     run(full, *common)  # 3 P x K steps per epoch: step 4 is mid-epoch
+    evals = rows(full / "metrics.jsonl")
+    assert [r["step"] for r in evals] == [2, 4, 5] and all(0 <= r["ema_EER"] <= 100 for r in evals)
+    for name, key in (("best", "EER"), ("best_ema", "ema_EER")):  # each holds its own lowest EER
+        state = json.loads((full / "checkpoints" / name / "trainer_state.json").read_text())
+        assert state["EER"] == min(r[key] for r in evals) and state["step"] in (2, 4, 5)
+    ema_w = load_file(str(full / "checkpoints" / "best_ema" / "model.safetensors"))
+    raw_w = load_file(str(full / "checkpoints" / "best" / "model.safetensors"))
+    assert ema_w.keys() == raw_w.keys() and all(v.dtype == torch.float32 for v in ema_w.values() if v.is_floating_point())
+
+    # resume from step 4 with a best of EER -1 from "before the resume": the step-5 evaluation is worse,
+    # so checkpoints/best stays as it was (its weights too); the step-5 weights AND the EMA are bit-identical
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
     os.rename(full / "checkpoints" / "step_4", part / "checkpoints" / "step_4")
+    kept = part / "checkpoints" / "best"
+    shutil.copytree(full / "checkpoints" / "best", kept)
+    (kept / "trainer_state.json").write_text(json.dumps({"step": 4, "metric": "EER", "mode": "min", "EER": -1.0}))
+    before = (kept / "model.safetensors").read_bytes()
     run(part, *common, "resume=auto")
+    assert [r["step"] for r in rows(part / "metrics.jsonl")] == [5]
+    assert rows(part / "metrics.jsonl")[0]["EER"] == evals[-1]["EER"]
+    assert json.loads((kept / "trainer_state.json").read_text())["EER"] == -1.0
+    assert (kept / "model.safetensors").read_bytes() == before
+    assert "---- resumed at step 4" in (part / "log.txt").read_text()
     a = load_file(str(full / "checkpoints" / "step_5" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step_5" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = torch.load(full / "checkpoints" / "step_5" / "custom_checkpoint_0.pkl", weights_only=False)
+    eb = torch.load(part / "checkpoints" / "step_5" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ea["updates"] == eb["updates"] == 5 and ea["module"].keys() == eb["module"].keys()
+    assert all(torch.equal(ea["module"][k], eb["module"][k]) for k in ea["module"])
+    assert not torch.equal(ea["module"]["embed.fc.weight"], a["embed.fc.weight"])  # an average, not the raw weights
+
+
+def test_epoch_units_count_epochs_of_steps(tmp_path):
+    # 8 ids x 6 images, P=4 x K=4: 2 steps per epoch; 3 epochs = 6 steps, eval and checkpoint every epoch
+    out = tmp_path / "ep"
+    run(out, "train.unit=epoch", "train.total_steps=3", "train.eval_interval=1", "train.ckpt_interval=3",
+        "sched.warmup_steps=1")
+    assert [r["step"] for r in rows(out / "train.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows(out / "metrics.jsonl")] == [2, 4, 6]
+    lrs = [r["lr"] for r in rows(out / "train.jsonl")]
+    assert lrs[0] < lrs[1] < lrs[2] and lrs[2] > lrs[3]  # warm-up of 1 epoch = 2 steps, then cosine decay
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_6"]
+    assert "2 steps per epoch, 6 steps" in (out / "log.txt").read_text()
 
 
 def _cli(*args):
@@ -109,6 +150,7 @@ def test_bad_input_gives_one_line_error(tmp_path, extra, message):
     (["baseline=random"], "baseline=random is evaluated with eval_only=true"),
     (["eval_only=true", "baseline=mean_pose"], "baseline: face has 'random'"),
     (["eval_only=true"], "eval_only=true needs load_from=PATH, ensemble=[...] or resume=PATH"),
+    (["data.folds=4", "data.fold=4"], "data.folds=4, data.fold=4: k-fold needs folds >= 2 and 0 <= fold < folds"),
     (["eval_only=true", "baseline=random", "data.val_pairs=", "data.test_pairs="],
      "eval_only=true needs data.val_pairs and/or data.test_pairs"),
 ])
@@ -119,7 +161,13 @@ def test_config_checks(tmp_path, extra, message):
 
 @pytest.mark.parametrize("extra, key", [(["data.aug.grayscale_p=1.5"], "data.aug.grayscale_p"),
                                         (["data.aug.rotation=-3"], "data.aug.rotation"),
-                                        (["model.timm_kwargs=[1]"], "model.timm_kwargs")])
+                                        (["model.timm_kwargs=[1]"], "model.timm_kwargs"),
+                                        (["model.embed_dim=0"], "model.embed_dim"),
+                                        (["model.stem_stride=3"], "model.stem_stride"),
+                                        (["eval.far=0"], "eval.far"),
+                                        (["data.classes_per_batch=0"], "data.classes_per_batch"),
+                                        (["data.center_crop=1.5"], "data.center_crop"),
+                                        (["data.val_folds=[0]"], "data.val_folds")])
 def test_bad_augmentation_and_timm_keys_are_config_errors(tmp_path, extra, key):
     with pytest.raises(SystemExit, match=f"config error: {key}"):
         run(tmp_path, *extra)

@@ -119,6 +119,7 @@ def test_predict_writes_embeddings_names_and_pair_scores(best, tmp_path):
         ea, eb = emb[row[key(s["path_a"])]], emb[row[key(s["path_b"])]]
         assert float(s["score"]) == pytest.approx(float(ea @ eb), abs=1e-5)
     assert "nonexistent" not in (tmp_path / "log.txt").read_text()
+    assert not (tmp_path / "checkpoints").exists()  # predict writes no checkpoints
 
 
 @pytest.mark.slow
@@ -160,4 +161,5 @@ def test_export_onnx_equals_pytorch_and_safetensors(best, tmp_path):
     own = model.state_dict()
     assert set(sd) == set(own) and not any(k.startswith("heads.") for k in sd)
     assert all(torch.equal(sd[k], own[k]) for k in own)
+    assert not (tmp_path / "onnx" / "checkpoints").exists() and not (tmp_path / "st" / "checkpoints").exists()
     assert torch.allclose(F.normalize(ref, dim=1).norm(dim=1), torch.ones(3))

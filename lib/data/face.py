@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from lib.config import Frac, NonNegFloat, NonNegInt, Range
+from lib.config import Frac, NonNegFloat, NonNegInt, PathStr, PosFloat, PosInt, Range
 from lib.data.common import read_image, require_dir, sample_rng, split_key
 from lib.errors import DataError
 
@@ -58,10 +58,10 @@ class FaceAugConfig:
     shear: NonNegFloat = 0.0  # affine: shear degrees
     grayscale_p: Frac = 0.0
     blur_kernel: NonNegInt = 0  # Gaussian blur kernel side (odd; 0 = off)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[PosFloat, PosFloat] = (0.1, 2.0)
     blur_p: Frac = 0.2  # probability of the blur (when blur_kernel > 0)
     erasing_p: Frac = 0.0  # random erasing probability (on the normalised tensor)
-    erasing_scale: tuple[float, float] = (0.02, 0.2)  # erased area fraction
+    erasing_scale: tuple[Frac, Frac] = (0.02, 0.2)  # erased area fraction
 
 
 AUG_PRESETS = {
@@ -75,32 +75,32 @@ AUG_PRESETS = {
 
 @dataclass
 class FaceDataConfig:
-    root: str = "tests/data/face/train"  # identity folders: root/<identity>/<image>.jpg
-    min_images: int = 1  # train only on identities with at least this many images
-    identities_from: str = ""  # LFW pairs.txt: train only on identities of its folds `train_folds`
-    train_folds: list[int] = field(default_factory=list)  # 1-based folds of identities_from
-    val_pairs: str = "tests/data/face/val_pairs.csv"  # .csv or LFW pairs.txt ("" = no validation)
-    val_root: str = ""  # image root of the val pair paths ("" = the pair file's folder)
-    val_folds: list[int] = field(default_factory=list)  # LFW pairs.txt folds to validate on ([] = all)
-    test_pairs: str = ""  # eval_only: pairs to score -> predictions.csv (labelled: + test EER / TAR@FAR / acc at the
+    root: PathStr = "tests/data/face/train"  # identity folders: root/<identity>/<image>.jpg
+    min_images: PosInt = 1  # train only on identities with at least this many images
+    identities_from: PathStr = ""  # LFW pairs.txt: train only on identities of its folds `train_folds`
+    train_folds: list[PosInt] = field(default_factory=list)  # 1-based folds of identities_from
+    val_pairs: PathStr = "tests/data/face/val_pairs.csv"  # .csv or LFW pairs.txt ("" = no validation)
+    val_root: PathStr = ""  # image root of the val pair paths ("" = the pair file's folder)
+    val_folds: list[PosInt] = field(default_factory=list)  # LFW pairs.txt folds to validate on ([] = all)
+    test_pairs: PathStr = ""  # eval_only: pairs to score -> predictions.csv (labelled: + test EER / TAR@FAR / acc at the
     # validation threshold); predict: -> predict/scores.csv
-    test_root: str = ""  # "" = the pair file's folder
-    folds: int = 0  # identity-disjoint k-fold over root: validate on pairs made from fold `fold`'s identities
-    fold: int = 0
-    fold_pairs: int = 600  # pairs per k-fold validation set (half same, half different person)
-    image_size: int = 112  # square input side (112 or 224 typical)
+    test_root: PathStr = ""  # "" = the pair file's folder
+    folds: NonNegInt = 0  # identity-disjoint k-fold over root: validate on pairs made from fold `fold`'s identities
+    fold: NonNegInt = 0  # the held-out fold, 0..folds-1
+    fold_pairs: PosInt = 600  # pairs per k-fold validation set (half same, half different person)
+    image_size: PosInt = 112  # square input side (112 or 224 typical)
     resize: NonNegInt = 0  # > image_size: resize to this side, then crop image_size (random for train, centre for eval)
-    center_crop: float = 1.0  # keep this central fraction of the image before resizing (LFW 250 px: ~0.6)
+    center_crop: Annotated[float, Range(gt=0, le=1)] = 1.0  # keep this central fraction of the image before resizing (LFW 250 px: ~0.6)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # face convention: (x - 127.5) / 127.5
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[PosFloat, PosFloat, PosFloat] = (0.5, 0.5, 0.5)
     sampler: Literal["shuffle", "pk"] = "shuffle"  # pk: P identities x K images per batch
-    classes_per_batch: int = 16  # P
-    images_per_class: int = 4  # K
+    classes_per_batch: PosInt = 16  # P
+    images_per_class: PosInt = 4  # K
     aug: FaceAugConfig = field(default_factory=FaceAugConfig)  # train augmentation (module docstring)
     auto_augment: str = ""  # timm: rand-m9-mstd0.5 | original | v0 | augmix-m5 ("" = off)
-    mixup_alpha: float = 0.0  # timm MixUp (softmax loss only)
-    cutmix_alpha: float = 0.0  # timm CutMix (softmax loss only)
-    mix_prob: float = 1.0
+    mixup_alpha: NonNegFloat = 0.0  # timm MixUp (softmax loss only)
+    cutmix_alpha: NonNegFloat = 0.0  # timm CutMix (softmax loss only)
+    mix_prob: Frac = 1.0
 
 
 # ----------------------------------------------------------------------------- identity folders

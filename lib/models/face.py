@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import timm
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 from torch import nn
 
+from lib.config import NonNegInt, PathStr, PosFloat, PosInt, Range
 from lib.errors import ModelError
 
 HEAD_PREFIX = "heads."
@@ -49,15 +50,15 @@ EFFNET_SCALE = {"efficientnet_b0": (1.0, 1.0), "efficientnet_b1": (1.0, 1.1), "e
 @dataclass
 class FaceModelConfig:
     backbone: str = "resnet18"  # resnet18/34/50/101 | efficientnet_b0 | mobilenetv2_100 | tiny_vit_11m_224 | timm name
-    width: float = 1.0  # resnet channel multiplier (0.72 -> 46, 92, 184, 369 channels; x4 out of a bottleneck)
+    width: PosFloat = 1.0  # resnet channel multiplier (0.72 -> 46, 92, 184, 369 channels; x4 out of a bottleneck)
     attn: str = ""  # resnet block attention: "" | se | cbam
-    stem_stride: int = 4  # resnet: 4 = 7x7/2 conv + max-pool (timm), 2 = 3x3/2 conv, no pool (more detail at 112 px)
-    embed_dim: int = 512
-    dropout: float = 0.0  # before the embedding layer
-    drop_path_rate: float = 0.0  # timm backbones
-    max_params: int = 11_500_000  # budget without the classification head (0 = no check)
-    backbone_weights: str = ""  # local timm/torchvision-layout file for the backbone ("" = random init)
-    frozen_stages: int = 0  # resnet: freeze the stem and the first N stages (fine-tuning)
+    stem_stride: Literal[2, 4] = 4  # resnet: 4 = 7x7/2 conv + max-pool (timm), 2 = 3x3/2 conv, no pool (more detail at 112 px)
+    embed_dim: PosInt = 512
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # before the embedding layer
+    drop_path_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0  # timm backbones
+    max_params: NonNegInt = 11_500_000  # budget without the classification head (0 = no check)
+    backbone_weights: PathStr = ""  # local timm/torchvision-layout file for the backbone ("" = random init)
+    frozen_stages: NonNegInt = 0  # resnet: freeze the stem and the first N stages (fine-tuning)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm backbones: create_model keyword arguments,
     # e.g. {channel_multiplier: 0.75} (EfficientNet width multiplier), {drop_rate: 0.2}
 
