@@ -15,7 +15,9 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
       predict='photos/*.jpg' [predict_camera=K.json]                                    # joints JSON + overlays
   accelerate launch train_hand.py --config configs/hand/hand3d_vits.yaml load_from=runs/hand3d_vits/checkpoints/best \
       export=onnx                                                                        # or export=safetensors
-  accelerate launch train_hand.py --config configs/hand/hand3d_vits.yaml resume=auto    # continue a run
+  accelerate launch train_hand.py --config configs/hand/hand3d_vits.yaml resume=auto    # continue a run (also after Ctrl-C)
+  accelerate launch train_hand.py --config configs/hand/hand3d_vits.yaml ema.decay=0.98 train.unit=epoch \
+      train.total_steps=2 train.eval_interval=1                                         # EMA weights too; counts in epochs
   python train_hand.py --help                                                            # every config key
 
 `model.backbone_weights` takes a local DINOv2 file in timm, facebookresearch hub or HF transformers
@@ -23,7 +25,9 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
 file (without it the head regresses the 21 joints directly). Metrics: root-relative MPJPE and
 PA-MPJPE in mm (mean and std over the validation set), `val_loss`, `mpjpe_fluct` (std of val MPJPE
 over the evaluations so far: the plan's "validation fluctuation") next to `mpjpe_mean_pose`, the
-error of predicting the training set's mean pose for every image.
+error of predicting the training set's mean pose for every image. With `ema.decay` the EMA weights are
+evaluated too (`ema_mpjpe`, ...; best in checkpoints/best_ema). Ctrl-C / SIGTERM stops after the current
+step and saves checkpoints/step_N; `resume=auto` continues exactly (weights, EMA, RNG, data position, best).
 """
 
 from __future__ import annotations
@@ -34,20 +38,22 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
-from lib.checkpoint import eval_members, find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
-from lib.config import RunConfig, ScheduleConfig, TrainConfig, parse_config
+from lib.checkpoint import (BestCheckpoint, checkpoint_info, eval_members, find_resume, load_checkpoint, load_weights,
+                            save_checkpoint)
+from lib.config import (NonNegInt, PathStr, PosInt, Range, RunConfig, ScheduleConfig, TrainConfig, parse_config,
+                        resolve_units)
 from lib.data.common import make_loader, read_image, to_tensor_normalized
 from lib.data.hand import (HandDataConfig, HandDataset, crop_affine, label_stats, make_source, mean_pose,
                            split_indices)
+from lib.ema import ModelEMA
 from lib.errors import DataError, UserError
 from lib.export import export_model
 from lib.logging import RunLog, read_metrics
@@ -56,24 +62,25 @@ from lib.metrics.hand import PRED_COLOR, draw_keypoints, fluctuation, legend_str
 from lib.models.hand import HandRegressor, convert_state_dict
 from lib.optim import build_optimizer, param_groups, scaled_lr
 from lib.predict import list_inputs
-from lib.runtime import cli_main, setup_run
+from lib.runtime import cli_main, setup_run, stop_requested
 from lib.schedules import lr_scheduler, schedule_factor
 
 DEFAULT_FOCAL = 5000.0 / 256  # predict without intrinsics: focal = this x image side (HaMeR: 5000 px at 256 px)
+Prob = Annotated[float, Range(ge=0, lt=1)]  # a dropout / drop-path rate
 
 
 @dataclass
 class HandecConfig:
-    dim: int = 1024
-    depth: int = 6
-    heads: int = 8
-    dim_head: int = 64
-    mlp_dim: int = 1024
-    num_queries: int = 1
-    ief_iters: int = 1  # 1 = direct regression; > 1 = iterative error feedback
+    dim: PosInt = 1024
+    depth: PosInt = 6
+    heads: PosInt = 8
+    dim_head: PosInt = 64
+    mlp_dim: PosInt = 1024
+    num_queries: PosInt = 1
+    ief_iters: PosInt = 1  # 1 = direct regression; > 1 = iterative error feedback
     pose_repr: Literal["6d", "aa"] = "6d"
-    dropout: float = 0.1  # reached after the warm-up (progressive dropout)
-    dropout_warmup_step: int = 10000  # p = 0 before this optimizer step
+    dropout: Prob = 0.1  # reached after the warm-up (progressive dropout)
+    dropout_warmup_step: NonNegInt = 10000  # p = 0 before this optimizer step
     dropout_ramp: Literal["step", "linear"] = "step"  # jump to p, or rise linearly during the warm-up
 
 
@@ -81,11 +88,11 @@ class HandecConfig:
 class ModelConfig:
     backbone: Literal["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2",
                       "vit_giant_patch14_dinov2"] = "vit_large_patch14_dinov2"
-    drop_path_rate: float = 0.0
+    drop_path_rate: Prob = 0.0
     grad_checkpointing: bool = False
-    backbone_weights: str = ""  # local DINOv2 weights (timm / hub / HF layout); "" = random init
-    mano_path: str = ""  # MANO_RIGHT .npz/.pkl; "" = regress joints directly
-    layer_decay: float = 1.0  # layer-wise lr decay of the backbone (1 = off; optim.backbone_lr_mult still applies)
+    backbone_weights: PathStr = ""  # local DINOv2 weights (timm / hub / HF layout); "" = random init
+    mano_path: PathStr = ""  # MANO_RIGHT .npz/.pkl; "" = regress joints directly
+    layer_decay: Annotated[float, Range(gt=0, le=1)] = 1.0  # layer-wise lr decay of the backbone (1 = off)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # timm overrides, e.g. {depth: 4} (not DINOv2 then)
     handec: HandecConfig = field(default_factory=HandecConfig)
 
@@ -96,8 +103,8 @@ class HandConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="mpjpe", best_mode="min"))
-    save_vis: int = 8  # keypoint overlay PNG of this many validation crops per evaluation (0 = off)
-    predict_camera: str = ""  # predict: json with K (3x3) for every image, or {image name: K}; "" = default focal
+    save_vis: NonNegInt = 8  # keypoint overlay PNG of this many validation crops per evaluation (0 = off)
+    predict_camera: PathStr = ""  # predict: json with K (3x3) for every image, or {image name: K}; "" = default focal
     predict_side: Literal["right", "left"] = "right"  # predict: handedness of the hands in the images
 
 
@@ -159,6 +166,7 @@ def evaluate(models: list, loader, accelerator, loss_w: LossWeights, val_seed: i
              n_vis: int = 0) -> dict:
     """Root-relative MPJPE / PA-MPJPE (mm) and the validation loss; several models = ensemble (mean joints,
     camera and betas). The RNG is seeded with `val_seed` for the pass (and restored after it)."""
+    modes = [m.training for m in models]
     for m in models:
         m.eval()
     errs: dict[str, list] = {"mpjpe": [], "pa_mpjpe": []}
@@ -183,8 +191,8 @@ def evaluate(models: list, loader, accelerator, loss_w: LossWeights, val_seed: i
             if vis_path is not None and sum(len(s[0]) for s in shown) < n_vis:
                 kp = project(joints - joints[:, :1], cam)
                 shown.append((batch["image"].cpu(), batch["joints2d"].cpu(), kp.cpu()))
-    for m in models:
-        m.train()
+    for m, mode in zip(models, modes):
+        m.train(mode)
     if vis_path is not None and shown and accelerator.is_main_process:
         imgs, gt2d, pred2d = (torch.cat(t)[:n_vis] for t in zip(*shown))
         save_overlay(vis_path, imgs, gt2d, pred2d)
@@ -200,19 +208,6 @@ def mean_pose_mpjpe(mean: np.ndarray, val_ds: HandDataset) -> float:
         right = val_ds.is_right(i)
         errs.append(np.linalg.norm(mean * (1.0 if right else np.array([-1.0, 1.0, 1.0])) - gt, axis=-1).mean())
     return float(np.mean(errs)) * 1000
-
-
-def checkpoint_step(path: str) -> int | None:
-    """Optimizer step of a weight folder / file (trainer_state.json or safetensors metadata), None if unknown."""
-    p = Path(path)
-    if (p / "trainer_state.json").is_file():
-        return json.loads((p / "trainer_state.json").read_text()).get("step")
-    f = p / "model.safetensors" if p.is_dir() else p
-    if f.suffix == ".safetensors" and f.is_file():
-        with safe_open(str(f), "pt") as sf:
-            step = (sf.metadata() or {}).get("step")
-        return int(step) if step is not None and str(step).isdigit() else None
-    return None
 
 
 def read_intrinsics(path: str) -> dict | np.ndarray:
@@ -275,8 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(HandConfig, argv, __doc__)
     accelerator = setup_run(cfg, "hand")
     run_dir = Path(cfg.output_dir)
-    log = RunLog(accelerator, run_dir, cfg.train.total_steps, log_interval=cfg.train.log_interval,
-                 check_losses=cfg.train.check_finite)
     members = eval_members(cfg) if cfg.eval_only else []  # which weights eval_only evaluates, before any model
     if cfg.baseline and (cfg.baseline != "mean_pose" or not cfg.eval_only):
         raise UserError(f"baseline={cfg.baseline!r}: the hand script has baseline=mean_pose, with eval_only=true")
@@ -287,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.predict or cfg.export:
         if not cfg.load_from:
             raise UserError("predict= / export= need load_from=CHECKPOINT (e.g. runs/x/checkpoints/best)")
+        log = RunLog(accelerator, run_dir, 0, check_losses=False)
         model = load_model(cfg, cfg.load_from, log.info).to(accelerator.device).eval()
         result: dict = {}
         if cfg.predict:
@@ -298,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = export_model(JointsAndCamera(model), (x, torch.tensor([1, 0])), run_dir / "export", cfg.export,
                                 input_names=["image", "is_right"], output_names=["joints", "cam"],
                                 metadata={"script": "train_hand.py", "model": cfg.model.backbone,
-                                          "step": checkpoint_step(cfg.load_from), "img_size": cfg.data.img_size})
+                                          "step": checkpoint_info(cfg.load_from)["step"], "img_size": cfg.data.img_size})
             log.info(f"export: {path}")
             result["export"] = str(path)
         log.close()
@@ -320,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     # datasets take (index, epoch) keys from lib.data.common.EpochSampler (make_loader)
     val_loader = make_loader(val_ds, cfg.train.batch_size, shuffle=False, **loader_kw)
     val_loader = accelerator.prepare_data_loader(val_loader)
+    accum = accelerator.gradient_accumulation_steps  # the config's, else the launcher's
+    global_batch = cfg.train.batch_size * accelerator.num_processes * accum
     baseline: dict = {}
     if not members:  # training, eval of a resumed run, or the mean-pose baseline
         train_ds = HandDataset(train_src, d, train=True, seed=cfg.seed, indices=train_idx)
@@ -328,11 +324,18 @@ def main(argv: list[str] | None = None) -> dict:
                             f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
         train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
                                    **loader_kw)
+        train_loader = accelerator.prepare_data_loader(train_loader)  # sharded: its length is per process
+        steps_per_epoch = math.ceil(len(train_loader) / accum)
+        cfg = resolve_units(cfg, steps_per_epoch)  # train.unit=epoch: epoch counts -> optimizer steps
+    log = RunLog(accelerator, run_dir, 0 if cfg.eval_only else cfg.train.total_steps,
+                 log_interval=cfg.train.log_interval, check_losses=cfg.train.check_finite)
+    if not members:
         mean = mean_pose(train_ds)  # (21, 3) right-hand frame
         baseline = {"mpjpe_mean_pose": mean_pose_mpjpe(mean, val_ds)}
         log.info(f"data: {len(train_ds)} train images ({d.format}, {d.root}"
                  f"{'' if d.format == 'hand3d' else ', ' + d.train_split}); {len(val_ds)} val "
-                 f"images from {where}; mean-pose baseline MPJPE {baseline['mpjpe_mean_pose']:.2f} mm")
+                 f"images from {where}; {steps_per_epoch} steps/epoch, {cfg.train.total_steps} steps; "
+                 f"mean-pose baseline MPJPE {baseline['mpjpe_mean_pose']:.2f} mm")
     else:
         log.info(f"data: {len(val_ds)} val images from {where} ({d.format}); no training split read")
 
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- eval_only on given weights (load_from and/or ensemble): no optimizer, no training data
     if members:
         nets = [accelerator.prepare_model(load_model(cfg, p, log.info), evaluation_mode=True) for p in members]
-        step = checkpoint_step(members[0])
+        step = checkpoint_info(members[0])["step"]  # the step the weights were saved at
         log.info(f"eval_only: {len(nets)} model(s), {members[0]} at step {step if step is not None else 'unknown'}")
         result = evaluate(nets, val_loader, accelerator, cfg.loss, d.val_seed, run_dir / "vis" / "eval.png", cfg.save_vis)
         if len(nets) > 1:
@@ -372,24 +375,34 @@ def main(argv: list[str] | None = None) -> dict:
              f"{n_params:.2f}M params, joints from {'MANO' if cfg.model.mano_path else 'the head'}")
 
     # ---- optimizer and schedule (groups before compile: the model names its head and backbone layers)
-    accum = accelerator.gradient_accumulation_steps  # the config's, else the launcher's
-    global_batch = cfg.train.batch_size * accelerator.num_processes * accum
     groups = param_groups(model, cfg.optim, model.head_prefixes, lr=scaled_lr(cfg.optim, global_batch),
                           layer_id=model.layer_id, layer_decay=cfg.model.layer_decay, num_layers=model.num_layers)
     optimizer = build_optimizer(groups, cfg.optim, accelerator.device)
     scheduler = lr_scheduler(optimizer, cfg.sched, cfg.train.total_steps)
     if cfg.compile:
         model = torch.compile(model)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = ModelEMA(model, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None  # fp32 weight average
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # before load_checkpoint: a resume restores it
+    best = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode)  # checkpoints/best
+    best_ema = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode, name="best_ema")
 
     step = 0
     ckpt = find_resume(run_dir, cfg.resume)
     if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        log.info(f"resumed from {ckpt} at step {step}")
+        step = load_checkpoint(accelerator, ckpt, cfg)["step"]  # names the changed config key on a mismatch
+        log.resumed(step, ckpt)
+        best.restore()  # the best so far, so a worse evaluation after the resume does not replace it
+        best_ema.restore()
 
-    if cfg.eval_only:  # the resumed model
+    if cfg.eval_only:  # the resumed model (and its EMA)
+        if ckpt is None:
+            raise UserError(f"eval_only=true resume={cfg.resume}: no checkpoint in {run_dir / 'checkpoints'}")
         result = evaluate([model], val_loader, accelerator, cfg.loss, d.val_seed, run_dir / "vis" / "eval.png", cfg.save_vis)
+        if ema is not None and cfg.ema.eval:
+            ema_result = evaluate([ema.module], val_loader, accelerator, cfg.loss, d.val_seed)
+            result |= {f"ema_{k}": v for k, v in ema_result.items()}
         log.eval(step, result | baseline)
         log.close()
         return result
@@ -398,13 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
     h = cfg.model.handec
     supervised_mano = train_src.has_mano and (cfg.loss.global_orient or cfg.loss.hand_pose or cfg.loss.betas)
     history = [r["mpjpe"] for r in read_metrics(run_dir) if r["step"] <= step and "mpjpe" in r]  # fluctuation
-    steps_per_epoch = math.ceil(len(train_loader) / accum)
     epoch, skip = divmod(step, steps_per_epoch)
-    best = None
-    metrics: dict = {}
-    key = cfg.train.best_metric
+    record: dict = {}
     model.train()
-    while step < cfg.train.total_steps:
+    while step < cfg.train.total_steps and not stop_requested(accelerator):
         train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
@@ -426,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             terms = {k: v for k, v in losses.items() if supervised_mano or k not in ("loss_theta", "loss_beta")}
             log.train_step(step, {"total": loss} | terms, lr=lr, images=global_batch, extra={"dropout": p_drop})
 
@@ -434,18 +446,23 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics = evaluate([model], val_loader, accelerator, cfg.loss, d.val_seed, vis, cfg.save_vis)
                 history.append(metrics["mpjpe"])
                 metrics |= {"mpjpe_fluct": fluctuation(history)} | baseline
-                log.eval(step, metrics)
-                better = best is None or (metrics[key] > best if cfg.train.best_mode == "max" else metrics[key] < best)
-                if better:
-                    best = metrics[key]
-                    save_weights(accelerator, model, run_dir / "checkpoints" / "best", {"step": step, key: best})
+                ema_metrics = evaluate([ema.module], val_loader, accelerator, cfg.loss, d.val_seed) \
+                    if ema is not None and cfg.ema.eval else {}
+                record = metrics | {f"ema_{k}": v for k, v in ema_metrics.items()}
+                log.eval(step, record)
+                best.update(accelerator, model, step, metrics)
+                if ema_metrics:
+                    best_ema.update(accelerator, ema.module, step, ema_metrics)
             if step % cfg.train.ckpt_interval == 0 or step == cfg.train.total_steps:
-                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts)
-            if step >= cfg.train.total_steps:
+                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts, metrics=record)
+            if step >= cfg.train.total_steps or stop_requested(accelerator):
                 break
-        epoch += 1
+        else:  # the whole epoch ran
+            epoch += 1
+    if step < cfg.train.total_steps:  # stopped by Ctrl-C / SIGTERM: save and say how to continue
+        log.interrupted(step, save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts))
     log.close()
-    return metrics
+    return record
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """Hand training: few-image overfits where the joint and the MANO theta / beta losses drop, and
 train_hand.py end to end on the bundled sample (metrics.jsonl with val_loss and mpjpe_fluct, overlay
 PNG, the plan's log line, best weights, eval_only without the training split, the mean-pose
-baseline through the eval path, predict and ONNX export)."""
+baseline through the eval path, predict and ONNX export, EMA + Ctrl-C + exact resume keeping the
+best checkpoints, epoch units)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lib.data.hand import FolderSource, HandAugConfig, HandDataConfig, HandDataset, label_stats
 from lib.losses.hand import LossWeights, hand_losses
@@ -111,6 +113,7 @@ def test_train_hand_end_to_end(tmp_path):
     ev_log = (tmp_path / "eval" / "log.txt").read_text()
     assert "no training split read" in ev_log and f"at step {best_step}" in ev_log
     assert json.loads((tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()[0])["step"] == best_step
+    assert not (tmp_path / "eval" / "checkpoints").exists()  # eval_only writes no checkpoints
 
 
 def test_kfold_run_without_mano_labels(tmp_path):
@@ -172,3 +175,103 @@ def test_predict_and_onnx_export(tmp_path):
         want = JointsAndCamera(model)(x, side)
     assert onnx_max_abs_diff(out / "export" / "model.onnx", (x, side), want) < 1e-4
     assert json.loads((out / "export" / "export.json").read_text())["metadata"]["step"] == "7"
+    assert not (out / "checkpoints").exists()  # predict / export write no checkpoints
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip metrics.png / losses.png (matplotlib redraws every panel at each evaluation: most of a sample run's time)."""
+    monkeypatch.setattr("lib.logging.plot_curves", lambda run_dir: None)
+
+
+def _ctrl_c_after(step_n: int):
+    """RunLog.train_step that sends this process SIGINT (Ctrl-C) once step `step_n` is logged."""
+    from lib.logging import RunLog
+
+    orig = RunLog.train_step
+
+    def train_step(self, step, *args, **kwargs):
+        orig(self, step, *args, **kwargs)
+        if step == step_n:
+            signal.raise_signal(signal.SIGINT)
+
+    return train_step
+
+
+def test_ema_ctrl_c_resume_is_exact_and_keeps_the_best(tmp_path, monkeypatch, no_plots):
+    """ema.decay=0.9: ema_* metrics and checkpoints/best_ema. A run stopped by Ctrl-C after step 4
+    (mid-epoch: 12 images / batch 4 = 3 steps per epoch; dropout on from step 3) and resumed ends
+    bit-identical to an uninterrupted one: model and EMA weights, every metric and loss. A worse
+    evaluation after the resume (the recorded best made unbeatable) leaves checkpoints/best(_ema) alone."""
+    from lib.checkpoint import step_checkpoints
+    from lib.logging import RunLog
+    from train_hand import main
+
+    args = _common() + ["train.total_steps=6", "train.eval_interval=2", "train.ckpt_interval=6", "train.batch_size=4",
+                        "train.log_interval=1", "train.max_keep_ckpts=0", "save_vis=0", "ema.decay=0.9",
+                        "model.handec.dropout_warmup_step=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    main(args + [f"output_dir={full}"])
+    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    assert all(0 < r["ema_mpjpe"] < 500 and 0 < r["ema_pa_mpjpe"] <= r["ema_mpjpe"] + 1e-6 for r in recs)
+    assert recs[-1]["ema_mpjpe"] != recs[-1]["mpjpe"]  # the average lags the raw weights
+    ema_best = json.loads((full / "checkpoints" / "best_ema" / "trainer_state.json").read_text())
+    assert ema_best["metric"] == "mpjpe" and ema_best["mpjpe"] == min(r["ema_mpjpe"] for r in recs)
+    assert ema_best["step"] == min(recs, key=lambda r: r["ema_mpjpe"])["step"]
+
+    with monkeypatch.context() as m:
+        m.setattr(RunLog, "train_step", _ctrl_c_after(4))
+        main(args + [f"output_dir={part}"])
+    assert step_checkpoints(part) == [part / "checkpoints" / "step_4"]
+    assert "interrupted at step 4" in (part / "log.txt").read_text()
+    kept = {}
+    for name in ("best", "best_ema"):  # a scripted worse evaluation: the best so far becomes unbeatable
+        state_file = part / "checkpoints" / name / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps(state | {"mpjpe": 1e-3}))
+        kept[name] = (state["step"], (part / "checkpoints" / name / "model.safetensors").read_bytes())
+    main(args + [f"output_dir={part}", "resume=auto"])
+
+    a, b = full / "checkpoints" / "step_6", part / "checkpoints" / "step_6"
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ea, eb = (torch.load(str(c / "custom_checkpoint_0.pkl"), weights_only=True)["module"] for c in (a, b))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert not all(torch.equal(ea[k], wa[k]) for k in ea if ea[k].is_floating_point())  # EMA != raw weights
+    assert [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()] == recs
+    train = [{k: v for k, v in json.loads(x).items() if k != "img/s"} for x in (full / "train.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in json.loads(x).items() if k != "img/s"}
+            for x in (part / "train.jsonl").read_text().splitlines()] == train and len(train) == 6
+    for name, (step, weights) in kept.items():
+        assert json.loads((part / "checkpoints" / name / "trainer_state.json").read_text())["step"] == step
+        assert (part / "checkpoints" / name / "model.safetensors").read_bytes() == weights
+
+    # eval_only of the resumed model evaluates its EMA too: the numbers of the last evaluation
+    ev = main(_common() + [f"output_dir={tmp_path / 'ev'}", "eval_only=true", f"resume={b}", "ema.decay=0.9"])
+    assert ev["mpjpe"] == pytest.approx(recs[-1]["mpjpe"], abs=1e-6)
+    assert ev["ema_mpjpe"] == pytest.approx(recs[-1]["ema_mpjpe"], abs=1e-6)
+    assert not (tmp_path / "ev" / "checkpoints").exists()
+
+
+def test_epoch_units_count_epochs(tmp_path, no_plots):
+    """train.unit=epoch on the sample (12 images / batch 4 = 3 steps per epoch): 3 epochs = 9 steps,
+    evaluation every epoch, and a 2-epoch lr warm-up = 6 steps of the schedule."""
+    from lib.config import build_config, load_yaml, resolve_units
+    from lib.schedules import schedule_factor
+    from train_hand import HandConfig, main
+
+    out = tmp_path / "ep"
+    over = ["train.unit=epoch", "train.total_steps=3", "train.eval_interval=1", "train.ckpt_interval=3",
+            "sched.warmup_steps=2", "train.batch_size=4", "train.log_interval=1", "save_vis=0"]
+    main(_common() + [f"output_dir={out}"] + over)
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train] == list(range(1, 10))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [3, 6, 9]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_9"]
+    log = (out / "log.txt").read_text()
+    assert "3 steps/epoch, 9 steps" in log and re.search(r"^step 9/9 ", log, re.M)
+    cfg = resolve_units(build_config(HandConfig, load_yaml(ROOT / "configs" / "hand" / "sample.yaml"), _common()[2:] + over), 3)
+    assert cfg.sched.warmup_steps == 6 and cfg.train.total_steps == 9
+    want = [cfg.optim.lr * schedule_factor(i, 9, cfg.sched) for i in range(9)]  # lr of the head group at step i + 1
+    assert [r["lr"] for r in train] == pytest.approx(want, rel=1e-9)

@@ -39,12 +39,13 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lib.config import Frac, NonNegFloat, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.data.common import kfold_indices, require_dir, sample_rng, split_key, to_tensor_normalized
 from lib.errors import DataError
 
@@ -53,28 +54,28 @@ IMG_EXTS = (".jpg", ".jpeg", ".png")
 
 @dataclass
 class HandAugConfig:
-    scale: float = 0.3  # box side x U[1 - scale, 1 + scale]
-    rotation: float = 30.0  # degrees, U[-rotation, rotation] ...
-    rotation_prob: float = 0.6  # ... with this probability
-    translate: float = 0.05  # box centre shift, U[-t, t] x box side
-    color: float = 0.2  # per-channel factor U[1 - color, 1 + color]
-    flip_prob: float = 0.5  # mirror image and joints, the hand changes side
+    scale: Annotated[float, Range(ge=0, lt=1)] = 0.3  # box side x U[1 - scale, 1 + scale]
+    rotation: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees, U[-rotation, rotation] ...
+    rotation_prob: Frac = 0.6  # ... with this probability
+    translate: NonNegFloat = 0.05  # box centre shift, U[-t, t] x box side
+    color: Frac = 0.2  # per-channel factor U[1 - color, 1 + color]
+    flip_prob: Frac = 0.5  # mirror image and joints, the hand changes side
 
 
 @dataclass
 class HandDataConfig:
     format: Literal["folder", "hand3d", "webdataset"] = "folder"
-    root: str = "tests/data/hand"
-    train_split: str = "training"  # folder / webdataset split name (hand3d: ignored)
-    val_split: str = "evaluation"
-    val_count: int = 0  # > 0: validate on this many samples held out of the train split instead
+    root: PathStr = "tests/data/hand"
+    train_split: SubPath = "training"  # folder / webdataset split name under root (hand3d: ignored)
+    val_split: SubPath = "evaluation"
+    val_count: NonNegInt = 0  # > 0: validate on this many samples held out of the train split instead
     split_mode: Literal["tail", "random"] = "tail"  # held-out samples: the last val_count, or random ones
-    val_seed: int = 42  # seeds the random / k-fold split and the RNG of each validation pass (every split mode)
-    folds: int = 0  # k >= 2: k-fold over the training samples, validate on fold `fold` (sweep.py --folds)
-    fold: int = 0
-    img_size: int = 224
+    val_seed: NonNegInt = 42  # seeds the random / k-fold split and the RNG of each validation pass (every split mode)
+    folds: NonNegInt = 0  # k >= 2: k-fold over the training samples, validate on fold `fold` (sweep.py --folds)
+    fold: NonNegInt = 0
+    img_size: PosInt = 224
     crop: Literal["image", "keypoints"] = "image"
-    bbox_scale: float = 1.5  # keypoints crop: box side = longer side of the joints' 2D box x this
+    bbox_scale: PosFloat = 1.5  # keypoints crop: box side = longer side of the joints' 2D box x this
     aug: HandAugConfig = field(default_factory=HandAugConfig)
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lib.config import Frac, NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
 Term = Literal["softmax", "arcface", "cosface", "adaface", "triplet"]
 
@@ -32,17 +34,17 @@ Term = Literal["softmax", "arcface", "cosface", "adaface", "triplet"]
 @dataclass
 class FaceLossConfig:
     terms: list[Term] = field(default_factory=lambda: ["arcface"])
-    weights: list[float] = field(default_factory=list)  # one per term; [] = 1 each
-    scale: float = 64.0  # s of arcface / cosface / adaface
-    arcface_margin: float = 0.5
-    cosface_margin: float = 0.35
-    sub_centers: int = 1  # arcface: k sub-centres per class (sub-center ArcFace, k=3 in the paper)
-    adaface_margin: float = 0.4
-    adaface_h: float = 0.333
-    triplet_margin: float = 0.1
-    hard_rank: int = 10  # triplet: hard negatives are drawn from the hard_rank + 1 most similar
-    hard_prob: float = 0.5  # triplet: probability of a hard (vs random) negative
-    label_smoothing: float = 0.0  # softmax-type terms
+    weights: list[NonNegFloat] = field(default_factory=list)  # one per term; [] = 1 each
+    scale: PosFloat = 64.0  # s of arcface / cosface / adaface
+    arcface_margin: NonNegFloat = 0.5
+    cosface_margin: NonNegFloat = 0.35
+    sub_centers: PosInt = 1  # arcface: k sub-centres per class (sub-center ArcFace, k=3 in the paper)
+    adaface_margin: NonNegFloat = 0.4
+    adaface_h: NonNegFloat = 0.333
+    triplet_margin: NonNegFloat = 0.1
+    hard_rank: NonNegInt = 10  # triplet: hard negatives are drawn from the hard_rank + 1 most similar
+    hard_prob: Frac = 0.5  # triplet: probability of a hard (vs random) negative
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0  # softmax-type terms
 
 
 def term_weights(cfg: FaceLossConfig) -> list[float]:
