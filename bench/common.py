@@ -1,13 +1,21 @@
-"""Helpers for bench/ scripts: timed training steps, JSON output. Not imported by training code.
+"""Helpers for bench/ scripts: interleaved timing of the compared models, JSON output.
+Not imported by training code.
 
-    res = time_train_step(step_fn, batch_size, warmup=5, iters=20, device=device)
-    print_json({"model": "...", "ours": res_ours, "reference": res_ref, "speedup": ...})
+    res = compare({"ours": step_ours, "hf": step_hf}, batch_size, device, rounds=5, iters=10)
+    res["ours"]["img_per_s"]            # median over rounds (+ _min / _max)
+    ratio(res, "ours", "hf")            # {"median", "min", "max"} of the per-round ratios
+    print_json({"model": "...", **res, "ours_vs_hf": ratio(res, "ours", "hf")})
+
+Why interleaved: on a shared machine (2 CPU cores, or a GPU other jobs touch) the speed drifts
+over seconds. Each round times every model back to back (A B, then B A, ...), so a round's ratio
+compares neighbours in time; the median over rounds, with its min-max, holds under load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -18,8 +26,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a shape/flow check that runs on CPU in seconds")
     p.add_argument("--batch-size", type=int, default=0, help="0 = script default")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10, help="steps per model per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B, B A, ...); ratios are medians")
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     return p
@@ -30,27 +39,49 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_train_step(step_fn, batch_size: int, device: torch.device, warmup: int = 5, iters: int = 20,
-                    flops_per_step: float | None = None, peak_tflops: float | None = None) -> dict:
-    """Run `step_fn()` warmup + iters times; img/s, step time, peak memory, TFLOP/s and MFU if FLOPs known."""
-    for _ in range(warmup):
-        step_fn()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step_fn()
-    sync(device)
-    dt = (time.perf_counter() - t0) / iters
-    out = {"img_per_s": round(batch_size / dt, 2), "step_ms": round(dt * 1000, 3)}
-    if device.type == "cuda":
-        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    if flops_per_step:
-        out["tflops"] = round(flops_per_step / dt / 1e12, 2)
-        if peak_tflops:
-            out["mfu"] = round(flops_per_step / dt / 1e12 / peak_tflops, 4)
+def compare(steps: dict, batch_size: int, device: torch.device, rounds: int = 5, warmup: int = 3, iters: int = 10,
+            flops: dict | None = None, peak_tflops: float | None = None) -> dict:
+    """Time each `steps[name]()` (one training step) for `iters` steps per round, the models
+    interleaved and the order reversed every other round. Per model: img/s and step ms as the
+    median over rounds with min / max, per-round img/s, peak memory of its steps (GPU), TFLOP/s and
+    MFU when `flops[name]` (FLOPs per step) is given."""
+    names = list(steps)
+    out = {n: {} for n in names}
+    for n in names:  # warm up (and compile) each, and measure its step memory
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            steps[n]()
+        sync(device)
+        if device.type == "cuda":
+            out[n]["peak_mem_gb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
+    per_round = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                steps[n]()
+            sync(device)
+            per_round[n].append(batch_size * iters / (time.perf_counter() - t0))
+    for n in names:
+        ips = sorted(per_round[n])
+        med = statistics.median(ips)
+        out[n].update(img_per_s=round(med, 2), img_per_s_min=round(ips[0], 2), img_per_s_max=round(ips[-1], 2),
+                      step_ms=round(1000 * batch_size / med, 3), rounds=[round(v, 2) for v in per_round[n]])
+        if flops and flops.get(n):
+            out[n]["tflops"] = round(flops[n] * med / batch_size / 1e12, 2)
+            if peak_tflops:
+                out[n]["mfu"] = round(flops[n] * med / batch_size / 1e12 / peak_tflops, 4)
     return out
+
+
+def ratio(res: dict, a: str, b: str) -> dict:
+    """Speed of `a` over `b` (img/s ratio): median, min, max over the rounds of `compare`."""
+    rs = sorted(x / y for x, y in zip(res[a]["rounds"], res[b]["rounds"]))
+    return {"median": round(statistics.median(rs), 3), "min": round(rs[0], 3), "max": round(rs[-1], 3)}
 
 
 def count_train_flops(step_fn) -> float:

@@ -6,8 +6,9 @@
 Both sides train the same step: backbone -> 512-d embedding -> ArcFace head (10k classes) -> CE,
 AdamW. "ours" is lib.models.face.FaceNet (our ResNet, or timm's TinyViT wrapped with our pooled
 embedding); "timm" is timm.create_model(name, num_classes=512) (timm's own pooling + fc as the
-embedding). Prints JSON: img/s, step ms, peak memory, TFLOP/s per model and the ratio ours / timm;
-plus the data pipeline's img/s for one worker (decode + augment) on the bundled sample.
+embedding). The models are timed interleaved (bench.common.compare, --rounds x --iters). Prints
+JSON: per model img/s (median over rounds, min, max), step ms, peak memory, TFLOP/s; the ratio
+ours / timm as median and min-max over rounds; the data pipeline's img/s for one worker.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops,  # noqa: E402
-                          print_json, time_train_step)
+from bench.common import (base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
+                          peak_bf16_tflops, print_json, ratio)
 from lib.losses.face import ArcFaceHead  # noqa: E402
 from lib.models.face import FaceModelConfig, FaceNet  # noqa: E402
 
@@ -58,7 +59,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     if args.tiny:
-        args.iters, args.warmup, args.num_classes = 2, 1, 100
+        args.iters, args.warmup, args.rounds, args.num_classes = 2, 1, 3, 100
         args.precision = "fp32" if device.type == "cpu" else args.precision  # CPU bf16 autocast is very slow
     bs = args.batch_size or (2 if args.tiny else 256)
     peak = peak_bf16_tflops(device) if args.precision == "bf16" else None
@@ -69,29 +70,32 @@ def main():
         x = torch.randn(bs, 3, size, size, device=device)
         y = torch.randint(0, args.num_classes, (bs,), device=device)
         row = {"model": name, "batch": bs, "size": size, "precision": args.precision}
+        torch.manual_seed(0)
         impls = {
             "ours": FaceNet(FaceModelConfig(backbone=name if name == "resnet18" else timm_name,
                                             embed_dim=args.embed_dim, max_params=0)),
             "timm": timm.create_model(timm_name, num_classes=args.embed_dim),
         }
+        steps, flops = {}, {}
         for impl, model in impls.items():
             model = model.to(device).train()
             head = ArcFaceHead(args.embed_dim, args.num_classes).to(device)
-            flops = count_train_flops(make_step(model, head, x, y, "fp32", device)) if not args.tiny else None
+            f = None  # FLOPs on GPU only (one extra step under the FLOP counter)
+            if device.type == "cuda" and not args.tiny:
+                f = count_train_flops(make_step(model, head, x, y, "fp32", device))
             row[f"{impl}_params"] = sum(q.numel() for q in model.parameters())
             for compiled in ([False, True] if args.compile else [False]):
-                m = torch.compile(model) if compiled else model
                 key = impl + ("_compiled" if compiled else "")
-                row[key] = time_train_step(make_step(m, head, x, y, args.precision, device), bs, device,
-                                           args.warmup, args.iters, flops, peak)
-            del model, head
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["speedup_vs_timm"] = round(row["ours"]["img_per_s"] / row["timm"]["img_per_s"], 3)
+                steps[key] = make_step(torch.compile(model) if compiled else model, head, x, y, args.precision, device)
+                flops[key] = f
+        row.update(compare(steps, bs, device, args.rounds, args.warmup, args.iters, flops, peak))
+        row["ours_vs_timm"] = ratio(row, "ours", "timm")
         if args.compile:
-            row["speedup_compiled_vs_timm_compiled"] = round(
-                row["ours_compiled"]["img_per_s"] / row["timm_compiled"]["img_per_s"], 3)
+            row["ours_compiled_vs_timm_compiled"] = ratio(row, "ours_compiled", "timm_compiled")
         results.append(row)
+        del steps, impls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print_json({"bench": "face_train_step", **environment(device), "results": results,
                 "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 32)})
 

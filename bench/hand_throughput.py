@@ -3,8 +3,10 @@
     python bench/hand_throughput.py                        # GPU: DINOv2-L/14 at 224, batch 32, bf16, fused AdamW
     python bench/hand_throughput.py --backbone vit_small_patch14_dinov2 --compile
     python bench/hand_throughput.py --device cpu --tiny    # flow check (tests run this)
-Prints JSON: img/s, step ms, peak memory, TFLOP/s and MFU (bf16 peak of known GPUs) per model,
-the ratio ours / reference, and the data pipeline's img/s for one worker on the bundled sample.
+The models are timed interleaved (bench.common.compare, --rounds x --iters). Prints JSON: per
+model img/s (median over rounds, min, max), step ms, peak memory, TFLOP/s and MFU (bf16 peak of
+known GPUs), the ratio ours / reference as median and min-max over rounds, and the data
+pipeline's img/s for one worker on the bundled sample.
 The reference is the same timm backbone with a linear layer on the class token regressing the
 21 x 3 joints: the difference is the cost of the handec decoder.
 """
@@ -18,8 +20,8 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops,  # noqa: E402
-                          print_json, time_train_step)
+from bench.common import (base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
+                          peak_bf16_tflops, print_json, ratio)
 from lib.models.hand import HandRegressor  # noqa: E402
 
 TINY_BACKBONE = dict(embed_dim=48, depth=1, num_heads=3)
@@ -68,7 +70,7 @@ def main():
     device = torch.device(args.device)
     overrides, head = {}, {}
     if args.tiny:
-        args.size, args.iters, args.warmup = 28, 2, 1
+        args.size, args.iters, args.warmup, args.rounds = 28, 2, 1, 3
         overrides, head = TINY_BACKBONE, dict(dim=32, depth=1, heads=2, dim_head=16, mlp_dim=32)
         args.precision = "fp32" if device.type == "cpu" else args.precision  # CPU bf16 autocast is very slow
     bs = args.batch_size or (2 if args.tiny else 32)
@@ -81,21 +83,25 @@ def main():
         "ours": lambda: HandRegressor(args.backbone, args.size, backbone_overrides=overrides, **head),
         "timm_linear": lambda: LinearHead(args.backbone, args.size, **overrides),
     }
+    steps, flops = {}, {}
     for name, build in impls.items():
+        torch.manual_seed(0)
         model = build().to(device).train()
         if args.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         row[f"{name}_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-        flops = count_train_flops(make_step(model, x, is_right, target, "fp32", device)) if not args.tiny else None
+        f = None  # FLOPs on GPU only (one extra step under the FLOP counter)
+        if device.type == "cuda" and not args.tiny:
+            f = count_train_flops(make_step(model, x, is_right, target, "fp32", device))
         for compiled in ([False, True] if args.compile else [False]):
-            m = torch.compile(model) if compiled else model
-            step = make_step(m, x, is_right, target, args.precision, device)
-            row[name + ("_compiled" if compiled else "")] = time_train_step(step, bs, device, args.warmup, args.iters,
-                                                                            flops, peak)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    row["ours_vs_timm_linear"] = round(row["ours"]["img_per_s"] / row["timm_linear"]["img_per_s"], 3)
+            key = name + ("_compiled" if compiled else "")
+            steps[key] = make_step(torch.compile(model) if compiled else model, x, is_right, target, args.precision,
+                                   device)
+            flops[key] = f
+    row.update(compare(steps, bs, device, args.rounds, args.warmup, args.iters, flops, peak))
+    row["ours_vs_timm_linear"] = ratio(row, "ours", "timm_linear")
+    if args.compile:
+        row["ours_compiled_vs_timm_linear_compiled"] = ratio(row, "ours_compiled", "timm_linear_compiled")
     print_json({"bench": "hand_train_step", **environment(device), "results": [row],
                 "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 16, args.size)})
 

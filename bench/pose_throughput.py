@@ -9,10 +9,13 @@ Prints JSON: img/s, step ms, peak memory, TFLOP/s for
   reference        the same weights with SDPose's attention math (einsum -> softmax -> einsum, as in
                    SDPose's tokenbase.py); no TokenPose/SDPose implementation is installable here,
 and the data pipeline's img/s for one worker (decode + augment + targets) on the bundled sample.
+All are timed interleaved (bench.common.compare, --rounds x --iters); ratios are medians over
+rounds with min-max.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 from pathlib import Path
@@ -21,8 +24,8 @@ import torch
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, count_train_flops, dataset_ips, environment, peak_bf16_tflops, print_json,  # noqa: E402
-                          time_train_step)
+from bench.common import (base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
+                          peak_bf16_tflops, print_json, ratio)
 from lib.losses.pose import MaskedTokenDistilLoss, joints_mse, token_importance  # noqa: E402
 from lib.models.tokenpose import tokenpose  # noqa: E402
 
@@ -70,7 +73,7 @@ def main():
     device = torch.device(args.device)
     size, extra = (192, 256), {}
     if args.tiny:
-        size, extra, args.iters, args.warmup = (48, 64), dict(depth=1, dim=32, heads=2), 2, 1
+        size, extra, args.iters, args.warmup, args.rounds = (48, 64), dict(depth=1, dim=32, heads=2), 2, 1, 3
         args.precision = "fp32" if device.type == "cpu" else args.precision  # CPU bf16 autocast is very slow
     bs = args.batch_size or (2 if args.tiny else 64)
     peak = peak_bf16_tflops(device) if args.precision == "bf16" else None
@@ -80,18 +83,22 @@ def main():
     row = {"preset": args.preset, "batch": bs, "size": f"{size[1]}x{size[0]}", "precision": args.precision}
     torch.manual_seed(0)
     model = tokenpose(args.preset, image_size=size, **extra).to(device).train()
-    flops = None if args.tiny else count_train_flops(make_step(model, x, target, weight, "fp32", device))
-    for name, masking in (("ours", ""), ("ours_importance", "importance")):
-        for compiled in ([False, True] if args.compile else [False]):
-            m = torch.compile(model) if compiled else model
-            step = make_step(m, x, target, weight, args.precision, device, masking)
-            row[name + ("_compiled" if compiled else "")] = time_train_step(step, bs, device, args.warmup, args.iters,
-                                                                            flops, peak)
-    for blk in model.blocks:  # same model, SDPose's explicit attention
+    flops = None  # FLOPs on GPU only (one extra step under the FLOP counter)
+    if device.type == "cuda" and not args.tiny:
+        flops = count_train_flops(make_step(model, x, target, weight, "fp32", device))
+    reference = copy.deepcopy(model)  # same weights, SDPose's explicit attention
+    for blk in reference.blocks:
         blk.attn.forward = types.MethodType(sdpose_attention, blk.attn)
-    row["reference"] = time_train_step(make_step(model, x, target, weight, args.precision, device), bs, device,
-                                       args.warmup, args.iters, flops, peak)
-    row["speedup_vs_reference"] = round(row["ours"]["img_per_s"] / row["reference"]["img_per_s"], 3)
+    steps = {}
+    for name, net, masking in (("ours", model, ""), ("ours_importance", model, "importance"),
+                               ("reference", reference, "")):
+        for compiled in ([False, True] if args.compile else [False]):
+            steps[name + ("_compiled" if compiled else "")] = make_step(torch.compile(net) if compiled else net, x,
+                                                                        target, weight, args.precision, device, masking)
+    row.update(compare(steps, bs, device, args.rounds, args.warmup, args.iters, {k: flops for k in steps}, peak))
+    row["ours_vs_reference"] = ratio(row, "ours", "reference")
+    if args.compile:
+        row["ours_compiled_vs_reference_compiled"] = ratio(row, "ours_compiled", "reference_compiled")
     print_json({"bench": "pose_train_step", **environment(device), "results": [row],
                 "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 16)})
 

@@ -392,12 +392,13 @@ def to_dict(cfg) -> dict:
 
 
 def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+    """`base` updated by `over`, recursively; a new dict that shares no nested dict or list with either."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 

@@ -52,6 +52,9 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
                 raise NonFiniteLossError(f"non-finite loss at step {step}: {name} = {x}")
 
 
+PLOT_EVERY_S = 60.0  # metrics.png / losses.png are redrawn at an evaluation at most this often, and at close()
+
+
 class RunLog:
     def __init__(self, accelerator, run_dir: str | Path, total_steps: int, start_step: int = 0,
                  log_interval: int = 10, check_losses: bool = True):
@@ -63,6 +66,7 @@ class RunLog:
         self._sums: dict[str, torch.Tensor] = {}
         self._n, self._images, self._t = 0, 0, time.perf_counter()
         self.progress = None
+        self._last_plot = time.perf_counter()
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.run_dir / "log.txt", "a")
@@ -143,7 +147,11 @@ class RunLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             self.info(f"eval @ step {step}: " + "  ".join(f"{k} {fmt(v)}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in metrics.items() if isinstance(v, (int, float))))
-            plot_curves(self.run_dir)
+            # redraw the pictures at most once a minute while training (matplotlib costs seconds per
+            # call on a CPU box); close() always draws the final ones
+            if time.perf_counter() - self._last_plot >= PLOT_EVERY_S:
+                plot_curves(self.run_dir)
+                self._last_plot = time.perf_counter()
         self.acc.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:

@@ -80,3 +80,20 @@ def test_camvid_shared_data_layout():
     assert len(ds) == 101
     _, lab = ds.load(0)
     assert lab.max() <= 255 and set(np.unique(lab)) <= set(range(11)) | {255}
+
+
+def test_test_split_reads_the_given_folders_absolute_or_relative(tmp_path):
+    root = _copy_sample(tmp_path)
+    (root / "val").rename(tmp_path / "held_out")
+    (root / "valannot").rename(tmp_path / "held_out_annot")
+    cfg = _cfg(tmp_path / "missing_root", test_img_dir=str(tmp_path / "held_out"),
+               test_ann_dir=str(tmp_path / "held_out_annot"))
+    ds = SegFolderDataset(cfg, "test", train=False)  # absolute folders: the root is not needed
+    assert ds.img_dir == tmp_path / "held_out" and len(ds) == len(list((tmp_path / "held_out").iterdir()))
+    assert ds[0]["image"].shape == (3, 90, 120)
+    rel = SegFolderDataset(_cfg(tmp_path, test_img_dir="held_out", test_ann_dir="held_out_annot"), "test", train=False)
+    assert rel.img_dir == tmp_path / "held_out" and len(rel) == len(ds)
+    with pytest.raises(DataError, match="needs data.test_img_dir and data.test_ann_dir"):
+        SegFolderDataset(_cfg(root), "test", train=False)
+    with pytest.raises(DataError, match="unknown seg split 'tset'"):
+        SegFolderDataset(_cfg(root), "tset", train=False)

@@ -8,17 +8,15 @@ exactly the batches (and augmentations) an uninterrupted run sees.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image  # at import: forked loader workers inherit it
 
-from lib.runtime import UserError
-
-
-class DataError(UserError):
-    """Missing folder, corrupt image, label out of range, ...: the message names the file."""
+from lib.errors import DataError  # noqa: F401  (re-exported: lib.data.common.DataError)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -60,20 +58,56 @@ def require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
-    """(H, W, 3) uint8 for RGB, (H, W) for 'L'/'P' label maps; DataError names a missing/corrupt file."""
+_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+def _fast_decode(data: bytes, mode: str) -> np.ndarray | None:
+    """torchvision.io (libjpeg-turbo / libpng) decode of 8-bit JPEG / PNG; None = let PIL do it
+    (other formats, palette or 16-bit label PNGs, grey 'L' conversion, decoder errors)."""
+    is_png, is_jpeg = data[:8] == _PNG_MAGIC, data[:3] == _JPEG_MAGIC
+    if not (is_png or is_jpeg) or mode not in ("RGB", "label") or len(data) < 33:
+        return None
+    if mode == "label" and not (is_png and data[24] == 8 and data[25] in (0, 2)):
+        return None  # labels: only 8-bit grey / RGB PNG (palette PNGs must keep their indices)
     try:
-        with Image.open(path) as im:
+        t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                         ImageReadMode.RGB if mode == "RGB" else ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None  # PIL decides whether it is corrupt (and words the error)
+    if t.dtype != torch.uint8:
+        return None
+    if mode == "label":
+        return t[0].numpy()  # grey, or RGB with equal channels
+    return t.permute(1, 2, 0).contiguous().numpy()
+
+
+def decode_image_bytes(data: bytes, name: str | Path, mode: str = "RGB") -> np.ndarray:
+    """Like `read_image` on a file's bytes (e.g. a tar shard member); `name` is used in errors."""
+    arr = _fast_decode(data, mode)
+    if arr is not None:
+        return arr
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             if mode == "label":
                 arr = np.array(im)
                 if arr.ndim == 3:  # label saved as RGB with equal channels
                     arr = arr[..., 0]
                 return arr
             return np.array(im.convert(mode))
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"corrupt or unreadable image {path}: {e}") from None
+        raise DataError(f"corrupt or unreadable image {name}: {e}") from None
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """(H, W, 3) uint8 for RGB, (H, W) for 'L'/'label' maps; DataError names a missing/corrupt file.
+
+    JPEG / PNG go through torchvision.io's decoders (libjpeg-turbo, libpng: about 2x PIL's speed);
+    other formats, palette / 16-bit label PNGs and 'L' conversion through PIL, with the same result."""
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"image not found: {path}") from None
+    return decode_image_bytes(data, path, mode)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,8 +116,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_tensor_normalized(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous().float().div_(255)  # (3, H, W)
+    return x.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None, None])
 
 
 def kfold_indices(n: int, k: int, fold: int, seed: int = 0, groups: list | None = None) -> tuple[list[int], list[int]]:
@@ -106,7 +140,17 @@ def kfold_indices(n: int, k: int, fold: int, seed: int = 0, groups: list | None 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
                 pin_memory: bool = False, drop_last: bool = False, sampler=None, collate_fn=None):
     """DataLoader over an EpochSampler (or `sampler`), with its own torch.Generator: iterating it
-    never draws from the global RNG, so a resumed run's dropout / drop-path draws match."""
+    never draws from the global RNG, so a resumed run's dropout / drop-path draws match.
+
+    Dataset contract: the sampler hands `dataset[key]` an `(index, epoch)` tuple, not an int.
+    A dataset declares it takes such keys with the class attribute `accepts_epoch_keys = True`
+    and calls `split_key(key)` / `sample_rng(seed, index, epoch)` in `__getitem__`; any other
+    dataset is refused here with a DataError (it would otherwise index with a tuple).
+    """
+    if not getattr(dataset, "accepts_epoch_keys", False):
+        raise DataError(f"{type(dataset).__name__} takes plain indices, but make_loader's sampler hands "
+                        f"(index, epoch) keys: set `accepts_epoch_keys = True` on it and read the key "
+                        f"with lib.data.common.split_key")
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler or EpochSampler(len(dataset), shuffle, seed), drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,

@@ -1,12 +1,15 @@
 """Semantic segmentation data: image folder + label-PNG folder, mmseg-style augmentation.
 
-    ds = SegFolderDataset(root, "train", "trainannot", cfg, train=True)
+    ds = SegFolderDataset(cfg, "train", train=True, seed=0)      # split: train | val | test
     ds[(index, epoch)] -> {"image": (3, H, W) float, "label": (H, W) int64 (255 = ignore), "name": str}
+    # data.aug_device=device (train): {"image": (3, h, w) uint8 source, "label": crop, "aug": (15,) choices, ...};
+    # collate with lib.data.device_aug.collate, finish with device_aug.seg_train_batch on the GPU
 
 Labels: values in `void_labels` become `ignore_index` (CamVid's 11 = void); any other value
 >= num_classes is an error naming the file. Train pipeline (mmseg): random rescale of `scale`
 by a ratio in `ratio_range` keeping aspect, random crop with `cat_max_ratio`, flip, photometric
-distortion, normalise, pad to the crop size. Validation: resize to `scale` keeping aspect; the
+distortion, normalise, pad to the crop size; the image is resampled only inside the crop box
+(PIL `resize(box=...)`), never at the full rescaled size. Validation: resize to `scale` keeping aspect; the
 label stays at its original size (metrics at original resolution, as mmseg).
 """
 
@@ -19,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.data.common import DataError, read_image, require_dir, sample_rng, split_key, to_tensor_normalized
+from lib.data.device_aug import AUG_FIELDS, NO_PHOTOMETRIC
+from lib.errors import DataError, UserError
+
+from lib.data.common import read_image, require_dir, sample_rng, split_key, to_tensor_normalized
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -35,6 +41,9 @@ class SegDataConfig:
     train_ann_dir: str = "trainannot"
     val_img_dir: str = "val"
     val_ann_dir: str = "valannot"
+    # labelled test set for eval_only (split "test"); relative to `root`, or absolute paths
+    test_img_dir: str = ""
+    test_ann_dir: str = ""
     num_classes: int = 11
     class_names: list[str] = field(default_factory=lambda: list(CAMVID_CLASSES))
     ignore_index: int = 255
@@ -45,6 +54,9 @@ class SegDataConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
+    # where the train augmentation runs: "cpu" = in the loader workers (PIL); "device" = workers
+    # decode and crop the label only, lib.data.device_aug.seg_train_batch does the image on the GPU
+    aug_device: str = "cpu"
     folds: int = 0  # k-fold cross-validation over the train folder (0 = off)
     fold: int = 0
 
@@ -72,37 +84,72 @@ def _rescale_size(w: int, h: int, scale: tuple[int, int], ratio: float) -> tuple
     return max(int(w * f + 0.5), 1), max(int(h * f + 0.5), 1)
 
 
-def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg PhotoMetricDistortion: brightness, contrast (before or after), saturation, hue."""
-    x = img.astype(np.float32)
+def draw_photometric(rng: np.random.Generator) -> dict:
+    """mmseg PhotoMetricDistortion parameters: brightness, contrast (before or after the HSV
+    step), saturation, hue; each on with probability 1/2. Identity values when off."""
+    p = dict(NO_PHOTOMETRIC)
     if rng.random() < 0.5:
-        x = x + rng.uniform(-32, 32)
+        p["brightness"] = rng.uniform(-32, 32)
     contrast_first = rng.random() < 0.5
     if contrast_first and rng.random() < 0.5:
-        x = x * rng.uniform(0.5, 1.5)
-    x = np.clip(x, 0, 255).astype(np.uint8)
+        p["contrast_before"] = rng.uniform(0.5, 1.5)
     do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
-    if do_sat or do_hue:
-        hsv = np.array(Image.fromarray(x).convert("HSV")).astype(np.float32)
-        if do_sat:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        if do_hue:  # mmseg: +-18 of 180 degrees -> +-25.5 of 255
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 180) % 255
-        x = np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+    p["hsv"] = float(do_sat or do_hue)
+    if do_sat:
+        p["saturation"] = rng.uniform(0.5, 1.5)
+    if do_hue:  # mmseg: +-18 of 180 degrees -> +-25.5 of 255
+        p["hue"] = rng.uniform(-18, 18) * 255 / 180
     if not contrast_first and rng.random() < 0.5:
-        x = np.clip(x.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
-    return x
+        p["contrast_after"] = rng.uniform(0.5, 1.5)
+    return p
+
+
+def _lut(fn) -> list[int]:
+    """A uint8 -> uint8 table of fn over float32 values 0..255 (what the float32 array ops give)."""
+    return fn(np.arange(256, dtype=np.float32)).astype(np.uint8).tolist()
+
+
+def photometric(img: np.ndarray, p: dict) -> np.ndarray:
+    """Apply `draw_photometric` parameters to (H, W, 3) uint8. Each step is a per-channel uint8
+    table (PIL `point`), equal to the float32 arithmetic (x + b) * c, clip, truncate."""
+    im = Image.fromarray(img)
+    if p["brightness"] != 0 or p["contrast_before"] != 1:
+        im = im.point(_lut(lambda x: np.clip((x + np.float32(p["brightness"])) * np.float32(p["contrast_before"]),
+                                             0, 255)) * 3)
+    if p["hsv"]:
+        hue = _lut(lambda x: (x + np.float32(p["hue"])) % 255)
+        sat = _lut(lambda x: np.clip(x * np.float32(p["saturation"]), 0, 255))
+        im = im.convert("HSV").point(hue + sat + list(range(256))).convert("RGB")
+    if p["contrast_after"] != 1:
+        im = im.point(_lut(lambda x: np.clip(x * np.float32(p["contrast_after"]), 0, 255)) * 3)
+    return np.array(im)
 
 
 class SegFolderDataset(torch.utils.data.Dataset):
+    """split: "train" | "val" | "test" (data.test_img_dir / test_ann_dir, which must be set).
+    `self.img_dir` / `self.ann_dir` are the folders actually read (for the run log)."""
+
+    accepts_epoch_keys = True  # make_loader's EpochSampler hands (index, epoch) keys
+
     def __init__(self, cfg: SegDataConfig, split: str, train: bool, seed: int = 0, indices: list[int] | None = None):
-        root = require_dir(cfg.root, "dataset root")
-        img_dir, ann_dir = ((cfg.train_img_dir, cfg.train_ann_dir) if split == "train"
-                            else (cfg.val_img_dir, cfg.val_ann_dir))
+        dirs = {"train": (cfg.train_img_dir, cfg.train_ann_dir), "val": (cfg.val_img_dir, cfg.val_ann_dir),
+                "test": (cfg.test_img_dir, cfg.test_ann_dir)}
+        if split not in dirs:
+            raise DataError(f"unknown seg split {split!r} (train, val or test)")
+        img_dir, ann_dir = dirs[split]
+        if split == "test" and not (img_dir and ann_dir):
+            raise DataError("split 'test' needs data.test_img_dir and data.test_ann_dir")
+        # absolute folders do not need the root (e.g. eval_only on another machine's test set)
+        root = Path(cfg.root) if Path(img_dir).is_absolute() and Path(ann_dir).is_absolute() \
+            else require_dir(cfg.root, "dataset root")
+        self.img_dir, self.ann_dir = root / img_dir, root / ann_dir
         self.pairs = list_pairs(root, img_dir, ann_dir)
         if indices is not None:
             self.pairs = [self.pairs[i] for i in indices]
+        if cfg.aug_device not in ("cpu", "device"):
+            raise UserError(f"data.aug_device must be cpu or device, got {cfg.aug_device!r}")
         self.cfg, self.train, self.seed = cfg, train, seed
+        self.on_device = train and cfg.aug_device == "device"  # batch goes through device_aug.seg_train_batch
         lut = np.arange(256, dtype=np.int64)
         lut[cfg.num_classes:] = -1  # out of range -> error
         lut[cfg.ignore_index] = cfg.ignore_index
@@ -128,39 +175,75 @@ class SegFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         i, epoch = split_key(key)
         img, label = self.load(i)
+        name = self.pairs[i][0].stem
         if self.train:
-            img, label = self.augment(img, label, sample_rng(self.seed, i, epoch))
+            p, label = self.draw(img.shape[:2], label, sample_rng(self.seed, i, epoch))
+            if self.on_device:  # image stays uint8 at its own size; lib.data.device_aug does the rest
+                return {"image": torch.from_numpy(img).permute(2, 0, 1), "label": torch.from_numpy(label),
+                        "aug": torch.tensor([p[k] for k in AUG_FIELDS], dtype=torch.float64), "name": name}
+            img = self.apply(img, p)
         else:
             h, w = img.shape[:2]
             img = np.array(Image.fromarray(img).resize(_rescale_size(w, h, self.cfg.scale, 1.0), Image.BILINEAR))
-        return {"image": to_tensor_normalized(img), "label": torch.from_numpy(label), "name": self.pairs[i][0].stem}
+        return {"image": to_tensor_normalized(img), "label": torch.from_numpy(label), "name": name}
 
     def augment(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        """The CPU train pipeline on one sample: (H, W, 3) uint8, (H, W) int -> crop-sized pair."""
+        p, label = self.draw(img.shape[:2], label, rng)
+        return self.apply(img, p), label
+
+    def draw(self, hw: tuple[int, int], label: np.ndarray, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+        """All random choices of one train sample (AUG_FIELDS) and its final (crop_h, crop_w) int64 label.
+
+        mmseg order: rescale ratio; crop corner, redrawn (up to 10 times) while one class covers
+        more than cat_max_ratio of the crop; flip; photometric. Only the label is resampled
+        here: nearest-neighbour straight into the crop box (PIL `resize(box=...)`), so the full
+        rescaled map is never built."""
         cfg = self.cfg
-        h, w = img.shape[:2]
-        size = _rescale_size(w, h, cfg.scale, rng.uniform(*cfg.ratio_range))
-        img = np.array(Image.fromarray(img).resize(size, Image.BILINEAR))
-        label = np.array(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST)).astype(np.int64)
+        h, w = hw
+        out_w, out_h = _rescale_size(w, h, cfg.scale, rng.uniform(*cfg.ratio_range))
         ch, cw = cfg.crop_size
-        for _ in range(10):  # random crop; retry while one class covers more than cat_max_ratio
-            y0 = int(rng.integers(0, max(label.shape[0] - ch, 0) + 1))
-            x0 = int(rng.integers(0, max(label.shape[1] - cw, 0) + 1))
-            crop = label[y0:y0 + ch, x0:x0 + cw]
+        crop_h, crop_w = min(ch, out_h), min(cw, out_w)
+        sx, sy = w / out_w, h / out_h
+        lab = Image.fromarray(label.astype(np.uint8))
+        for _ in range(10):
+            y0 = int(rng.integers(0, max(out_h - ch, 0) + 1))
+            x0 = int(rng.integers(0, max(out_w - cw, 0) + 1))
+            box = (x0 * sx, y0 * sy, (x0 + crop_w) * sx, (y0 + crop_h) * sy)
+            crop = np.asarray(lab.resize((crop_w, crop_h), Image.NEAREST, box=box))
             if cfg.cat_max_ratio >= 1:
                 break
-            _, counts = np.unique(crop[crop != cfg.ignore_index], return_counts=True)
+            counts = np.bincount(crop.ravel(), minlength=256)
+            counts[cfg.ignore_index] = 0
+            counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < cfg.cat_max_ratio:
                 break
-        img, label = img[y0:y0 + ch, x0:x0 + cw], crop
-        if rng.random() < cfg.flip_prob:
-            img, label = img[:, ::-1], label[:, ::-1]
-        if cfg.photometric:
-            img = _photometric(np.ascontiguousarray(img), rng)
-        ph, pw = ch - img.shape[0], cw - img.shape[1]
-        if ph > 0 or pw > 0:  # pad to crop size: image 0, label ignore
-            img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-            label = np.pad(label, ((0, ph), (0, pw)), constant_values=cfg.ignore_index)
-        return np.ascontiguousarray(img), np.ascontiguousarray(label)
+        flip = rng.random() < cfg.flip_prob
+        p = {"in_w": w, "in_h": h, "out_w": out_w, "out_h": out_h, "x0": x0, "y0": y0, "crop_w": crop_w,
+             "crop_h": crop_h, "flip": float(flip), **(draw_photometric(rng) if cfg.photometric else NO_PHOTOMETRIC)}
+        label = crop.astype(np.int64)
+        if flip:
+            label = label[:, ::-1]
+        if crop_h < ch or crop_w < cw:  # pad to crop size with ignore
+            label = np.pad(label, ((0, ch - crop_h), (0, cw - crop_w)), constant_values=cfg.ignore_index)
+        return p, np.ascontiguousarray(label)
+
+    def apply(self, img: np.ndarray, p: dict) -> np.ndarray:
+        """`draw`'s choices on the image: bilinear (antialiased, PIL) resample of just the crop box,
+        flip, photometric, pad with 0 to the crop size -> (crop_h, crop_w, 3) uint8."""
+        sx, sy = p["in_w"] / p["out_w"], p["in_h"] / p["out_h"]
+        x0, y0, crop_w, crop_h = p["x0"], p["y0"], p["crop_w"], p["crop_h"]
+        im = Image.fromarray(img)
+        if (crop_w, crop_h) != im.size or (x0, y0) != (0, 0) or sx != 1 or sy != 1:
+            im = im.resize((crop_w, crop_h), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + crop_w) * sx,
+                                                                  (y0 + crop_h) * sy))
+        if p["flip"]:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        img = photometric(np.asarray(im), p)
+        ch, cw = self.cfg.crop_size
+        if crop_h < ch or crop_w < cw:
+            img = np.pad(img, ((0, ch - crop_h), (0, cw - crop_w), (0, 0)))
+        return np.ascontiguousarray(img)
 
 
 def colorize(label: np.ndarray, palette=CAMVID_PALETTE, ignore_index: int = 255) -> np.ndarray:

@@ -21,16 +21,17 @@ from typing import Literal
 
 import torch
 
+from lib.config import NonNegFloat
 from lib.geometry import axis_angle_to_rotmat
 
 
 @dataclass
 class LossWeights:
-    joints_3d: float = 0.05
-    joints_2d: float = 0.01
-    global_orient: float = 0.001
-    hand_pose: float = 0.001
-    betas: float = 0.0005
+    joints_3d: NonNegFloat = 0.05
+    joints_2d: NonNegFloat = 0.01
+    global_orient: NonNegFloat = 0.001
+    hand_pose: NonNegFloat = 0.001
+    betas: NonNegFloat = 0.0005
     kind: Literal["l1", "l2"] = "l1"  # keypoint terms
 
 
