@@ -14,6 +14,10 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
       ensemble=[runs/a/checkpoints/best,runs/b/checkpoints/best]                        # heatmap-averaging ensemble
   accelerate launch train_pose.py --config configs/pose/coco_s_v1.yaml resume=auto       # continue a run
   accelerate launch train_pose.py --config configs/pose/sample.yaml save_vis=4           # + pose pictures in vis/
+  accelerate launch train_pose.py --config configs/pose/coco_mini.yaml eval_only=true baseline=mean_pose  # trivial row
+  accelerate launch train_pose.py load_from=runs/pose_coco_mini/checkpoints/best predict=images/ \
+      [predict_boxes=boxes.json]                                                         # keypoints.json + skeletons
+  accelerate launch train_pose.py load_from=runs/pose_coco_mini/checkpoints/best export=onnx  # export/model.onnx
   python train_pose.py --help                                                            # every config key
 
 Training uses ground-truth person boxes; evaluation uses `data.det_file` detections (or gt boxes
@@ -23,6 +27,7 @@ mapping in lib/models/tokenpose.py).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -31,18 +36,25 @@ from typing import Literal
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
+from torch import nn
 
-from lib.checkpoint import find_resume, load_checkpoint, load_weights, save_checkpoint, save_weights
-from lib.config import RunConfig, parse_config
-from lib.data.coco import COCO_FLIP_PAIRS, COCO_KEYPOINTS, CocoPoseDataset, PoseDataConfig, draw_poses
-from lib.data.common import make_loader, read_image
+from lib.checkpoint import (checkpoint_info, eval_members, find_resume, load_checkpoint, load_weights,
+                            save_checkpoint, save_weights)
+from lib.config import RunConfig, TrainConfig, parse_config, resolve_units
+from lib.data.coco import (COCO_FLIP_PAIRS, COCO_KEYPOINTS, CocoPoseDataset, PoseDataConfig, affine_matrix,
+                           box_to_center_scale, draw_poses, fold_image_ids, load_coco_json, mean_pose, warp_image)
+from lib.data.common import make_loader, read_image, to_tensor_normalized
+from lib.errors import DataError, ModelError, UserError
+from lib.export import export_model, onnx_max_abs_diff
 from lib.logging import RunLog
 from lib.losses.pose import MaskedTokenDistilLoss, joints_mse, token_importance
 from lib.metrics.pose import decode_heatmaps, evaluate_coco, heatmap_to_image, predict_heatmaps
 from lib.models.tokenpose import TokenPose, convert_state_dict, tokenpose
 from lib.optim import build_optimizer, param_groups, scaled_lr
-from lib.runtime import UserError, cli_main, convert_sync_batchnorm, setup_run
+from lib.predict import list_inputs, shard
+from lib.runtime import cli_main, convert_sync_batchnorm, setup_run
 from lib.schedules import lr_scheduler
 
 
@@ -67,18 +79,9 @@ class TokenDistilConfig:  # lib.losses.pose.MaskedTokenDistilLoss
 @dataclass
 class LossConfig:
     heatmap_weight: float = 1.0  # JointsMSE (target weights), summed over cycles
-    vis_token: TokenDistilConfig = field(default_factory=TokenDistilConfig)  # loss_vis_token_dist
-    kpt_token: TokenDistilConfig = field(default_factory=TokenDistilConfig)  # loss_kpt_token_dist
-
-
-@dataclass
-class EpochPlan:
-    """mmpose-style plan in epochs of the train set; total > 0 overrides train.total_steps,
-    train.eval_interval, train.ckpt_interval and sched.milestones."""
-    total: int = 0
-    milestones: list[int] = field(default_factory=list)
-    eval_interval: int = 10
-    ckpt_interval: int = 10
+    # token self-distillation between cycles; null = the term is off (e.g. loss.vis_token=null)
+    vis_token: TokenDistilConfig | None = field(default_factory=TokenDistilConfig)  # loss_vis_token_dist
+    kpt_token: TokenDistilConfig | None = field(default_factory=TokenDistilConfig)  # loss_kpt_token_dist
 
 
 @dataclass
@@ -98,9 +101,10 @@ class PoseConfig(RunConfig):
     data: PoseDataConfig = field(default_factory=PoseDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    epochs: EpochPlan = field(default_factory=EpochPlan)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="AP", best_mode="max"))
     save_vis: int = 0  # draw the predicted poses (after NMS) on this many val images per evaluation
+    predict_boxes: str = ""  # predict: person boxes json (COCO detections: file_name or image_id, bbox, score); "" = whole image
 
 
 def build_model(cfg: PoseConfig) -> TokenPose:
@@ -110,24 +114,103 @@ def build_model(cfg: PoseConfig) -> TokenPose:
                          cycle_num=m.cycle_num or None, test_cycle=m.test_cycle, depth=m.depth or None,
                          dim=m.dim, heads=m.heads)
     except ValueError as e:  # sizes that do not fit together
-        raise UserError(f"model config: {e}") from None
+        raise ModelError(f"model config: {e}") from None
+
+
+class Heatmaps(nn.Module):
+    """The inference model (export): image (B, 3, H, W) -> heatmaps of the test cycle (B, J, H/4, W/4)."""
+
+    def __init__(self, model: TokenPose):
+        super().__init__()
+        self.model = model
+
+    def forward(self, img):
+        return self.model(img)[-1]["heatmap"]
+
+
+def person_boxes(path: str, images: list[Path]) -> dict[str, list[tuple]]:
+    """predict_boxes json (a list of {file_name | image_id, bbox: [x, y, w, h], score}; a COCO image id
+    matches a file named by that number) -> {image path: [(box, score), ...]}."""
+    try:
+        dets = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"predict_boxes: cannot read {path}: {e}") from None
+    if not isinstance(dets, list) or not all(isinstance(d, dict) and "bbox" in d for d in dets):
+        raise DataError(f"predict_boxes: {path} must be a json list of {{file_name or image_id, bbox, score}}")
+    out: dict[str, list[tuple]] = {str(p): [] for p in images}
+    by_name = {p.name: str(p) for p in images} | {p.stem.lstrip("0") or "0": str(p) for p in images if p.stem.isdigit()}
+    for d in dets:
+        key = by_name.get(str(d["file_name"])) if "file_name" in d else by_name.get(str(d.get("image_id")))
+        if key is not None and d.get("category_id", 1) == 1:
+            out[key].append((tuple(float(v) for v in d["bbox"]), float(d.get("score", 1.0))))
+    return out
 
 
 @torch.no_grad()
-def evaluate(models: list, loader, cfg: PoseConfig, accelerator, val_ds, vis_dir: Path | None = None) -> list[dict]:
-    """COCO keypoint metrics of each model and, with several, of their heatmap-averaged ensemble (last)."""
+def predict_images(model, cfg: PoseConfig, accelerator, out_dir: Path) -> list[dict]:
+    """Keypoints of every person box (or whole image) of `predict`: COCO results json + drawn skeletons.
+    Each process predicts its shard of the images; the main process writes."""
+    paths = list_inputs(cfg.predict)
+    boxes = person_boxes(cfg.predict_boxes, paths) if cfg.predict_boxes else {}
+    w, h = cfg.data.image_size
+    results = []
+    mine = shard(paths, accelerator.process_index, accelerator.num_processes)
+    for j in range(math.ceil(len(paths) / accelerator.num_processes)):  # same number of rounds on every process
+        done = []
+        for path in mine[j:j + 1]:
+            img = read_image(path)  # (H, W, 3)
+            dets = boxes.get(str(path)) if cfg.predict_boxes else [((0.0, 0.0, img.shape[1], img.shape[0]), 1.0)]
+            poses = []
+            for box, score in dets:
+                center, scale = box_to_center_scale(box, w / h, cfg.data.bbox_padding)
+                crop = warp_image(img, affine_matrix(center, scale, 0.0, (w, h)), (w, h))
+                x = to_tensor_normalized(crop)[None].to(accelerator.device)  # (1, 3, h, w)
+                with accelerator.autocast():
+                    hm = predict_heatmaps([model], x, COCO_FLIP_PAIRS, cfg.eval.flip_test, cfg.eval.shift_heatmap)
+                xy, maxval = decode_heatmaps(hm, cfg.eval.decode, cfg.eval.blur_kernel)
+                kpts = heatmap_to_image(xy, torch.from_numpy(center)[None].to(xy.device),
+                                        torch.from_numpy(scale)[None].to(xy.device), (hm.shape[-1], hm.shape[-2]))
+                pose = torch.cat([kpts[0], maxval[0, :, None]], dim=-1).cpu().numpy()  # (J, 3)
+                valid = pose[:, 2] > cfg.eval.vis_thr
+                poses.append({"file_name": Path(path).name, "image_id": int(Path(path).stem) if Path(path).stem.isdigit()
+                              else -1, "category_id": 1, "bbox": list(box), "keypoints": pose.reshape(-1).tolist(),
+                              "score": float(score * (pose[valid, 2].mean() if valid.any() else 0.0))})
+            done.append((str(path), poses))
+        for path, poses in gather_object(done):
+            results += poses
+            if accelerator.is_main_process:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                drawn = draw_poses(read_image(path), [np.array(p["keypoints"]).reshape(-1, 3) for p in poses],
+                                   cfg.eval.vis_thr)
+                Image.fromarray(drawn).save(out_dir / f"{Path(path).stem}.jpg", quality=90)
+    if accelerator.is_main_process:
+        (out_dir / "keypoints.json").write_text(json.dumps(results))
+    accelerator.wait_for_everyone()
+    return results
+
+
+@torch.no_grad()
+def evaluate(models: list, loader, cfg: PoseConfig, accelerator, val_ds, vis_dir: Path | None = None,
+             mean: np.ndarray | None = None) -> list[dict]:
+    """COCO keypoint metrics of each model and, with several, of their heatmap-averaged ensemble (last).
+    `mean` (J, 2) instead of models: the mean-pose baseline, joints at mean * crop size in each box (score 1)."""
     for m in models:
         m.eval()
-    rows: list[list[dict]] = [[] for _ in range(len(models) + (len(models) > 1))]
+    rows: list[list[dict]] = [[] for _ in range(max(len(models) + (len(models) > 1), 1))]
     for batch in loader:
         with accelerator.autocast():
             hms = [predict_heatmaps([m], batch["image"], COCO_FLIP_PAIRS, cfg.eval.flip_test, cfg.eval.shift_heatmap)
                    for m in models]  # each (B, J, h, w) float32
         if len(models) > 1:
             hms.append(torch.stack(hms).mean(0))
-        for row, hm in zip(rows, hms):
-            xy, maxval = decode_heatmaps(hm, cfg.eval.decode, cfg.eval.blur_kernel)  # (B, J, 2), (B, J)
-            kpts = heatmap_to_image(xy, batch["center"], batch["scale"], (hm.shape[-1], hm.shape[-2]))
+        preds = [decode_heatmaps(hm, cfg.eval.decode, cfg.eval.blur_kernel) for hm in hms]  # (B, J, 2), (B, J)
+        preds = [(xy, mv, (hm.shape[-1], hm.shape[-2])) for (xy, mv), hm in zip(preds, hms)]
+        if mean is not None:  # the mean pose in crop units (1 x 1 "heatmap")
+            b = batch["center"].shape[0]
+            preds = [(torch.as_tensor(mean, device=batch["center"].device).expand(b, -1, -1),
+                      batch["center"].new_ones(b, len(mean)), (1, 1))]
+        for row, (xy, maxval, hm_size) in zip(rows, preds):
+            kpts = heatmap_to_image(xy, batch["center"], batch["scale"], hm_size)
             row.append(accelerator.gather_for_metrics({
                 "kpts": kpts, "maxval": maxval, "box_score": batch["box_score"],
                 "area": batch["scale"].prod(-1), "image_id": batch["image_id"]}))
@@ -153,55 +236,136 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PoseConfig, sys.argv[1:] if argv is None else argv, __doc__)
     accelerator = setup_run(cfg, "pose")
     run_dir = Path(cfg.output_dir)
+    members = eval_members(cfg) if cfg.eval_only else []  # which weights eval_only evaluates, before any model
+    if cfg.baseline and (cfg.baseline != "mean_pose" or not cfg.eval_only or members):
+        raise UserError(f"baseline={cfg.baseline!r}: pose has baseline=mean_pose, with eval_only=true and "
+                        "without load_from / ensemble")
 
-    # ---- data: gt boxes for training, detections (or gt boxes) for evaluation
-    train_ds = CocoPoseDataset(cfg.data, "train", train=True, seed=cfg.seed)
-    val_ds = CocoPoseDataset(cfg.data, "val", train=False)
+    # ---- use a trained model: predict / export (load_from only; no dataset is read)
+    if cfg.predict or cfg.export:
+        if not cfg.load_from:
+            raise UserError("predict= and export= need load_from=CHECKPOINT (e.g. runs/x/checkpoints/best)")
+        log = RunLog(accelerator, run_dir, 0, check_losses=False)
+        model = build_model(cfg)
+        load_weights(model, cfg.load_from, convert_state_dict, strict=True, log=log.info)
+        step = checkpoint_info(cfg.load_from)["step"]
+        result: dict = {}
+        if cfg.predict:
+            preds = predict_images(model.to(accelerator.device).eval(), cfg, accelerator, run_dir / "predict")
+            log.info(f"predict: {len(preds)} persons in {cfg.predict} -> {run_dir / 'predict'} "
+                     f"(keypoints.json + skeletons; weights of step {step})")
+            result["predictions"] = len(preds)
+        if cfg.export and accelerator.is_main_process:
+            w, h = cfg.data.image_size
+            x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+            net = Heatmaps(model.cpu()).eval()
+            path = export_model(net, (x,), run_dir / "export", cfg.export, input_names=["image"],
+                                output_names=["heatmaps"], metadata={
+                                    "script": "train_pose.py", "model": f"SDPose-{cfg.model.name}", "step": step,
+                                    "image_size": f"{w}x{h}", "flip_pairs": COCO_FLIP_PAIRS})
+            log.info(f"export: {path} (weights of step {step}; input (B, 3, {h}, {w}) ImageNet-normalised crop, "
+                     f"output heatmaps (B, 17, {h // 4}, {w // 4}))")
+            if cfg.export == "onnx":
+                with torch.no_grad():
+                    result["onnx_max_abs_diff"] = onnx_max_abs_diff(path, (x,), net(x))
+                log.info(f"export: onnxruntime vs PyTorch max |diff| {result['onnx_max_abs_diff']:.2e}")
+            result["export"] = str(path)
+        log.close()
+        return result
+
+    # ---- data: gt boxes for training, detections (or gt boxes) for evaluation; eval_only reads no training data
+    d = cfg.data
+    train_ids = val_ids = None
+    if d.folds:  # k-fold over the training images: validate on fold d.fold of train_ann
+        train_ids, val_ids = fold_image_ids(load_coco_json(Path(d.root) / d.train_ann), d.folds, d.fold)
+    val_ds = CocoPoseDataset(d, "train" if d.folds else "val", train=False, image_ids=val_ids)
+    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
+    # the EpochSampler of make_loader hands the datasets (index, epoch) keys (augmentation = f(seed, index, epoch))
+    val_loader = make_loader(val_ds, cfg.eval.batch_size, shuffle=False, **loader_kw)
+    where = (f"fold {d.fold} of {d.folds} of {val_ds.ann_file}" if d.folds else str(val_ds.ann_file)) + \
+        f" ({'detections ' + d.det_file if d.det_file and not d.folds else 'gt boxes'})"
+    if cfg.eval_only:
+        log = RunLog(accelerator, run_dir, 0, check_losses=False)
+    if cfg.eval_only and not cfg.baseline:
+        val_loader = accelerator.prepare_data_loader(val_loader)
+        log.info(f"data: {len(val_ds)} val boxes from {where}; no training data read")
+        if members:
+            nets = []
+            for path in members:
+                m = build_model(cfg)
+                load_weights(m, path, convert_state_dict, strict=True, log=log.info)
+                nets.append(accelerator.prepare_model(m, evaluation_mode=True))
+            step = checkpoint_info(members[0])["step"]
+        else:  # the resumed model
+            ckpt = find_resume(run_dir, cfg.resume)
+            if ckpt is None:
+                raise UserError(f"eval_only=true resume={cfg.resume}: no checkpoint in {run_dir / 'checkpoints'}")
+            m = build_model(cfg)
+            load_weights(m, ckpt, convert_state_dict, strict=True, log=log.info)
+            nets, step = [accelerator.prepare_model(m, evaluation_mode=True)], checkpoint_info(ckpt)["step"]
+        log.info(f"eval_only: {len(nets)} model(s), {members[0] if members else 'resumed'} at step "
+                 f"{step if step is not None else 'unknown'}")
+        results = evaluate(nets, val_loader, cfg, accelerator, val_ds, run_dir / "vis" if cfg.save_vis else None)
+        result = dict(results[-1])  # the ensemble (or the single model)
+        if len(nets) > 1:
+            for i, r in enumerate(results[:-1]):
+                result |= {f"member{i}_{k}": r[k] for k in ("AP", "AP50", "AP75", "AR")}
+        log.eval(step or 0, result)
+        log.close()
+        return result
+
+    train_ds = CocoPoseDataset(d, "train", train=True, seed=cfg.seed, image_ids=train_ids)
+
+    # ---- trivial baseline through the same eval path: the mean training pose placed in each box
+    if cfg.baseline:
+        log.info(f"data: {len(train_ds)} train persons (gt boxes) from {train_ds.ann_file} / {len(val_ds)} val "
+                 f"boxes from {where}")
+        mean = mean_pose(train_ds.items, d.image_size[0] / d.image_size[1], d.bbox_padding)  # (J, 2)
+        result = evaluate([], accelerator.prepare_data_loader(val_loader), cfg, accelerator, val_ds,
+                          run_dir / "vis" if cfg.save_vis else None, mean=mean)[0]
+        log.eval(0, result)
+        log.close()
+        return result
+
     if len(train_ds) < cfg.train.batch_size * accelerator.num_processes:
         raise UserError(f"train set has {len(train_ds)} persons, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
-    loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
     train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, **loader_kw)
-    val_loader = make_loader(val_ds, cfg.eval.batch_size, shuffle=False, **loader_kw)
-    global_batch = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
+    accum = accelerator.gradient_accumulation_steps
+    global_batch = cfg.train.batch_size * accelerator.num_processes * accum
     # optimizer steps per epoch, as len(prepared train_loader) / grad_accum (accelerate shards the batches)
-    steps_per_epoch = math.ceil(math.ceil(len(train_ds) // cfg.train.batch_size / accelerator.num_processes)
-                                / cfg.train.grad_accum_steps)
-    if cfg.epochs.total:  # epoch plan -> steps
-        cfg.train.total_steps = cfg.epochs.total * steps_per_epoch
-        cfg.train.eval_interval = cfg.epochs.eval_interval * steps_per_epoch
-        cfg.train.ckpt_interval = cfg.epochs.ckpt_interval * steps_per_epoch
-        cfg.sched.milestones = [e * steps_per_epoch for e in cfg.epochs.milestones]
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) // cfg.train.batch_size / accelerator.num_processes) / accum)
+    cfg = resolve_units(cfg, steps_per_epoch)  # train.unit=epoch: epoch counts -> optimizer steps
     log = RunLog(accelerator, run_dir, cfg.train.total_steps, log_interval=cfg.train.log_interval,
                  check_losses=cfg.train.check_finite)
-    log.info(f"data: {len(train_ds)} train persons (gt boxes) / {len(val_ds)} val boxes "
-             f"({'detections ' + cfg.data.det_file if cfg.data.det_file else 'gt boxes'}) from {cfg.data.root}; "
-             f"{steps_per_epoch} steps/epoch")
+    log.info(f"data: {len(train_ds)} train persons (gt boxes) from {train_ds.ann_file} / {len(val_ds)} val boxes "
+             f"from {where}; {steps_per_epoch} steps/epoch, {cfg.train.total_steps} steps")
 
     # ---- model and losses
     model = build_model(cfg)
     if cfg.load_from:
-        load_weights(model, cfg.load_from, convert_state_dict, skip_mismatched=not cfg.eval_only, log=log.info)
+        load_weights(model, cfg.load_from, convert_state_dict, skip_mismatched=True, log=log.info)
     model = convert_sync_batchnorm(model, accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     log.info(f"model: TokenPose/SDPose-{cfg.model.name.upper()} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
              f"params, {model.cycle_num} cycles (eval: cycle {model.test_cycle})")
     num_joints = model.num_joints
+    off = MaskedTokenDistilLoss(loss_weight=0.0)
     try:
-        vis_loss = MaskedTokenDistilLoss(**vars(cfg.loss.vis_token))
-        kpt_loss = MaskedTokenDistilLoss(**vars(cfg.loss.kpt_token))
+        vis_loss = MaskedTokenDistilLoss(**vars(cfg.loss.vis_token)) if cfg.loss.vis_token else off
+        kpt_loss = MaskedTokenDistilLoss(**vars(cfg.loss.kpt_token)) if cfg.loss.kpt_token else off
     except ValueError as e:
         raise UserError(f"loss config: {e}") from None
     need_attn = vis_loss.needs_attention or kpt_loss.needs_attention  # importance masking reads the attention
-    if cfg.compile:
-        model = torch.compile(model)
+    distil = vis_loss.loss_weight > 0 or kpt_loss.loss_weight > 0
 
-    # ---- optimizer and schedule (Adam, linear lr scaling, warm-up + multistep)
-    groups = param_groups(model, cfg.optim, head_prefixes=("head.", "_orig_mod.head."),
-                          lr=scaled_lr(cfg.optim, global_batch))
+    # ---- optimizer and schedule (Adam, linear lr scaling, warm-up + multistep); groups before torch.compile
+    groups = param_groups(model, cfg.optim, head_prefixes=model.head_prefixes, lr=scaled_lr(cfg.optim, global_batch))
     optimizer = build_optimizer(groups, cfg.optim, accelerator.device)
     scheduler = lr_scheduler(optimizer, cfg.sched, cfg.train.total_steps)
+    if cfg.compile:
+        model = torch.compile(model)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
 
@@ -211,23 +375,6 @@ def main(argv: list[str] | None = None) -> dict:
         step = load_checkpoint(accelerator, ckpt)["step"]
         log.info(f"resumed from {ckpt} at step {step}")
 
-    if cfg.eval_only:
-        members = [model] if (cfg.load_from or ckpt is not None) else []
-        for path in cfg.ensemble:
-            m = build_model(cfg)
-            load_weights(m, path, convert_state_dict, strict=True, log=log.info)
-            members.append(accelerator.prepare_model(m, evaluation_mode=True))
-        if not members:
-            raise UserError("eval_only=true needs load_from=PATH, ensemble=[...] or resume=PATH")
-        results = evaluate(members, val_loader, cfg, accelerator, val_ds, run_dir / "vis" if cfg.save_vis else None)
-        result = dict(results[-1])  # the ensemble (or the single model)
-        if len(members) > 1:
-            for i, r in enumerate(results[:-1]):
-                result |= {f"member{i}_{k}": r[k] for k in ("AP", "AP50", "AP75", "AR")}
-        log.eval(step, result)
-        log.close()
-        return result
-
     # ---- training loop
     epoch, skip = divmod(step, max(steps_per_epoch, 1))
     best = None
@@ -235,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     while step < cfg.train.total_steps:
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip * cfg.train.grad_accum_steps) if skip else train_loader
+        loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
         for batch in loader:
             img, target, weight = batch["image"], batch["target"], batch["target_weight"]  # (B,3,H,W) (B,J,h,w) (B,J)
@@ -245,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
                 outs = model(img, need_attn=need_attn)  # one dict per cycle
                 losses = {"loss_heatmap": cfg.loss.heatmap_weight * sum(joints_mse(o["heatmap"], target, weight)
                                                                         for o in outs)}
-                if len(outs) > 1:  # SDPose: the deeper cycle i+1 teaches cycle i, visual and keypoint tokens apart
+                if len(outs) > 1 and distil:  # SDPose: the deeper cycle i+1 teaches cycle i, visual and keypoint tokens apart
                     vis = kpt = 0.0
                     for s, t in zip(outs[:-1], outs[1:]):
                         vis_imp, kpt_imp = token_importance(t["attn"], num_joints) if need_attn else (None, None)
@@ -270,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics = evaluate([model], val_loader, cfg, accelerator, val_ds,
                                    run_dir / "vis" / f"step_{step}" if cfg.save_vis else None)[0]
                 log.eval(step, metrics)
-                key = cfg.train.best_metric or "AP"
+                key = cfg.train.best_metric
                 better = best is None or (metrics[key] > best if cfg.train.best_mode == "max" else metrics[key] < best)
                 if better:
                     best = metrics[key]

@@ -50,7 +50,198 @@ def test_every_pose_config_parses():
     for name in names:
         cfg = build_config(train_pose.PoseConfig, load_yaml(Path("configs/pose") / name))
         assert cfg.model.name in ("t", "s-v1", "s-v2") and cfg.data.image_size == (192, 256)
-    mixed = build_config(train_pose.PoseConfig, load_yaml("configs/pose/seed_mixed.yaml"))
-    assert (mixed.loss.vis_token.mask_strategy, mixed.loss.kpt_token.mask_strategy) == ("importance", "random")
-    asym = build_config(train_pose.PoseConfig, load_yaml("configs/pose/seed_weight_asym.yaml"))
-    assert asym.loss.kpt_token.loss_weight == 10 * asym.loss.vis_token.loss_weight and asym.loss.kpt_token.mask_ratio == 0.3
+        assert (cfg.train.best_metric, cfg.train.best_mode) == ("AP", "max")
+
+
+R, I = "random", "importance"
+PLAN = {  # config: (vis (weight, ratio, strategy) or None, kpt ..., epochs, milestones, batch, lr)
+    "seed_baseline": (None, None, 300, [200, 260], 64, 1e-3),
+    "seed_random0.2": ((1e-5, 0.2, R), (1e-5, 0.2, R), 300, [200, 260], 64, 1e-3),
+    "seed_random0.3": ((1e-5, 0.3, R), (1e-5, 0.3, R), 300, [200, 260], 64, 1e-3),
+    "seed_random0.5": ((5e-6, 0.5, R), (5e-6, 0.5, R), 300, [200, 260], 64, 1e-3),
+    "seed_random0.7": ((1e-6, 0.7, R), (1e-6, 0.7, R), 300, [200, 260], 64, 1e-3),
+    "seed_importance0.3": ((1e-5, 0.3, I), (1e-5, 0.3, I), 300, [200, 260], 64, 1e-3),
+    "seed_weight_strong": ((1e-4, 0.3, R), (1e-4, 0.3, R), 300, [200, 260], 64, 1e-3),
+    "seed_weight_weak": ((1e-6, 0.3, R), (1e-6, 0.3, R), 300, [200, 260], 64, 1e-3),
+    "seed_weight_asym": ((1e-5, 0.3, R), (5e-5, 0.3, R), 300, [200, 260], 64, 1e-3),
+    "seed_mixed": ((1e-5, 0.3, R), (2e-5, 0.3, I), 300, [200, 260], 64, 1e-3),
+    "seed_cycle3": (None, None, 300, [200, 260], 64, 1e-3),
+    "seed_quick": (None, None, 100, [70, 90], 64, 1e-3),
+    "seed_finetune": (None, None, 50, [30, 45], 64, 1e-4),
+    "seed_batch128": (None, None, 300, [200, 260], 128, 2e-3),
+    "seed_batch32": (None, None, 300, [200, 260], 32, 5e-4),
+}
+
+
+def test_plan_configs_carry_the_plans_values():
+    from lib.config import build_config, load_yaml
+
+    for name, (vis, kpt, epochs, milestones, batch, lr) in PLAN.items():
+        cfg = build_config(train_pose.PoseConfig, load_yaml(f"configs/pose/{name}.yaml"))
+        for term, want in ((cfg.loss.vis_token, vis), (cfg.loss.kpt_token, kpt)):
+            got = None if term is None else (term.loss_weight, term.mask_ratio, term.mask_strategy)
+            assert got == want, name
+        assert (cfg.train.unit, cfg.train.total_steps, cfg.sched.milestones) == ("epoch", epochs, milestones), name
+        assert (cfg.train.batch_size, cfg.optim.lr, cfg.optim.name, cfg.optim.scale_lr_with_batch) == \
+            (batch, lr, "adam", False), name
+        assert cfg.model.name == "s-v1" and cfg.model.cycle_num == (3 if name == "seed_cycle3" else 0), name
+    quick = build_config(train_pose.PoseConfig, load_yaml("configs/pose/seed_quick.yaml"))
+    assert (quick.train.eval_interval, quick.train.ckpt_interval, quick.train.max_keep_ckpts) == (5, 5, 2)
+    ft = build_config(train_pose.PoseConfig, load_yaml("configs/pose/seed_finetune.yaml"))
+    assert ft.load_from.endswith("runs/seed_baseline/checkpoints/best") and ft.sched.warmup_steps == 0
+
+
+def test_null_token_terms_are_off(tmp_path):
+    from lib.config import parse_config
+
+    cfg = parse_config(train_pose.PoseConfig, ["--config", "configs/pose/coco_s_v1.yaml", "loss.vis_token=null"])
+    assert cfg.loss.vis_token is None and cfg.loss.kpt_token.loss_weight == 5e-6
+    out = tmp_path / "off"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=1", "train.eval_interval=1", "tracker=none",
+                            "loss.vis_token=null", "loss.kpt_token=null"])
+    row = json.loads((out / "train.jsonl").read_text().splitlines()[-1])
+    assert "loss_vis_token_dist" not in row and "loss_kpt_token_dist" not in row and row["loss_heatmap"] > 0
+
+
+@pytest.mark.slow
+def test_every_plan_config_runs_on_the_sample(tmp_path):
+    """Each plan config runs on the sample (tiny model and input); ~30 s on a quiet 2-core box."""
+    tiny = ["model.depth=1", "model.dim=32", "model.heads=2", "data.image_size=[48,64]", "train.batch_size=4",
+            "eval.batch_size=64", "data.root=tests/data/pose", "data.train_ann=test_coco.json",
+            "data.train_images=images", "data.val_ann=test_coco.json", "data.val_images=images", "data.det_file=",
+            "train.total_steps=1", "train.eval_interval=1", "train.ckpt_interval=1", "train.num_workers=0",
+            "tracker=none", "eval.flip_test=false"]
+    first = None
+    for name in PLAN:  # the baseline for one epoch (train.unit=epoch as written), the others for 1 step
+        extra = [f"load_from={first}"] if name == "seed_finetune" else []
+        extra += [] if name == "seed_baseline" else ["train.unit=step"]
+        m = train_pose.main(["--config", f"configs/pose/{name}.yaml", *tiny, *extra, f"output_dir={tmp_path / name}"])
+        assert 0.0 <= m["AP"] <= 1.0, name
+        rows = [json.loads(x) for x in (tmp_path / name / "train.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == (3 if name == "seed_baseline" else 1), name  # 1 epoch = 3 steps of 4 persons
+        assert ("loss_vis_token_dist" in rows[-1]) == (PLAN[name][0] is not None), name
+        first = first or str(tmp_path / name / "checkpoints" / "best")
+
+
+def write_tiny_coco(tmp_path, train_persons, val_persons):
+    """A COCO keypoints json pair on one bundled sample image: persons = [(box, joints (17, 2)), ...]."""
+    import shutil
+
+    import numpy as np
+
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    src = json.load(open("tests/data/pose/test_coco.json"))
+    im = dict(src["images"][0])
+    shutil.copy(f"tests/data/pose/images/{im['file_name']}", root / "images" / im["file_name"])
+
+    def write(name, persons):
+        anns = [{"id": i + 1, "image_id": im["id"], "category_id": 1, "iscrowd": 0, "bbox": list(box),
+                 "area": float(box[2] * box[3]), "num_keypoints": 17,
+                 "keypoints": np.concatenate([j, np.full((17, 1), 2)], 1).reshape(-1).tolist()}
+                for i, (box, j) in enumerate(persons)]
+        (root / name).write_text(json.dumps({"images": [im], "annotations": anns, "categories": src["categories"]}))
+
+    write("train.json", train_persons)
+    write("val.json", val_persons)
+    return root, im
+
+
+def test_mean_pose_baseline_equals_a_hand_computed_ap(tmp_path):
+    """Two train persons whose normalised joints average to u; one val person = u placed in its box
+    shifted by d pixels: OKS_j = exp(-d^2 / (2 area (2 sigma_j)^2)), AP = share of the 10 thresholds passed."""
+    import numpy as np
+
+    from lib.data.coco import COCO_SIGMAS
+
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0.3, 0.7, (17, 2))
+    boxes = [(100.0, 50.0, 60.0, 80.0), (200.0, 40.0, 90.0, 120.0)]  # aspect 0.75: crop = box * 1.25
+
+    def place(box, uv):
+        crop = np.array([box[2], box[3]]) * 1.25
+        center = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
+        return center - crop / 2 + uv * crop
+
+    train = [(boxes[0], place(boxes[0], u - 0.05)), (boxes[1], place(boxes[1], u + 0.05))]
+    vbox, d = (150.0, 60.0, 75.0, 100.0), 7.0  # OKS 0.730: passes 0.5 .. 0.7, fails 0.75 .. 0.95
+    root, im = write_tiny_coco(tmp_path, train, [(vbox, place(vbox, u) + np.array([d, 0.0]))])
+    area = vbox[2] * vbox[3]
+    oks = np.exp(-d ** 2 / (2 * area * (2 * COCO_SIGMAS) ** 2)).mean()
+    want = np.mean([oks >= t for t in np.linspace(0.5, 0.95, 10)])
+    assert 0 < want < 1  # the shift lands between thresholds
+    m = train_pose.main(["--config", "configs/pose/sample.yaml", f"data.root={root}", "data.train_ann=train.json",
+                         "data.train_images=images", "data.val_ann=val.json", "data.val_images=images",
+                         "data.det_file=", "eval_only=true", "baseline=mean_pose", "tracker=none",
+                         f"output_dir={tmp_path / 'run'}", "data.image_size=[48,64]"])
+    assert m["AP"] == pytest.approx(want, abs=1e-6) and m["AR"] == pytest.approx(want, abs=1e-6)
+
+
+def test_eval_only_reads_no_training_annotations_and_logs_the_step(tmp_path):
+    out = tmp_path / "run"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=2", "train.eval_interval=2", "tracker=none",
+                            "eval.flip_test=false"])
+    best = out / "checkpoints" / "best"
+    m = train_pose.main(TINY + [f"output_dir={tmp_path / 'ev'}", "eval_only=true", f"load_from={best}",
+                                "data.train_ann=missing.json", "data.train_images=missing", "tracker=none",
+                                "eval.flip_test=false"])
+    assert m["AP"] == pytest.approx(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["AP"])
+    log = (tmp_path / "ev" / "log.txt").read_text()
+    assert "no training data read" in log and "at step 2" in log
+    assert json.loads((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_eval_only_follows_the_member_rule(tmp_path):
+    """ensemble without load_from evaluates exactly the ensemble (not a resumed model)."""
+    out = tmp_path / "run"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=1", "train.eval_interval=1", "tracker=none",
+                            "eval.flip_test=false"])
+    best = out / "checkpoints" / "best"
+    m = train_pose.main(TINY + [f"output_dir={out}", "eval_only=true", "resume=auto", f"ensemble=[{best}]",
+                                "tracker=none", "eval.flip_test=false"])
+    assert "member0_AP" not in m  # one member: the ensemble of one, no resumed model added
+    assert "eval_only: 1 model(s)" in (out / "log.txt").read_text()
+
+
+def test_folds_validate_on_held_out_training_images(tmp_path):
+    from lib.data.coco import fold_image_ids, load_coco_json
+
+    coco = load_coco_json(__import__("pathlib").Path("tests/data/pose/test_coco.json"))
+    tr, va = fold_image_ids(coco, 2, 0)
+    tr1, va1 = fold_image_ids(coco, 2, 1)
+    assert tr | va == {im["id"] for im in coco["images"]} and not tr & va and va1 == tr and tr1 == va
+    out = tmp_path / "f0"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=1", "train.eval_interval=1", "tracker=none",
+                            "data.folds=2", "data.fold=0", "train.batch_size=2", "eval.flip_test=false"])
+    log = (out / "log.txt").read_text()
+    n_val = sum(a["image_id"] in va and max(a["keypoints"]) > 0 for a in coco["annotations"])
+    assert f"{n_val} val boxes from fold 0 of 2" in log
+
+
+def test_predict_writes_coco_results_and_export_matches_onnxruntime(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "run"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=1", "train.eval_interval=1", "tracker=none",
+                            "eval.flip_test=false"])
+    best = str(out / "checkpoints" / "best")
+    img = "tests/data/pose/images/000000000785.jpg"
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 785, "bbox": [280, 44, 218, 346], "score": 0.9},
+                                 {"file_name": "000000000785.jpg", "bbox": [10, 10, 100, 200], "score": 0.5}]))
+    pred = tmp_path / "pred"
+    r = train_pose.main(TINY + [f"output_dir={pred}", f"load_from={best}", f"predict={img}", "eval.decode=argmax",
+                                f"predict_boxes={boxes}", "tracker=none"])  # argmax: joints on heatmap pixels
+    res = json.loads((pred / "predict" / "keypoints.json").read_text())
+    assert r["predictions"] == 2 and [p["bbox"] for p in res] == [[280, 44, 218, 346], [10, 10, 100, 200]]
+    k = np.array(res[0]["keypoints"]).reshape(17, 3)
+    half_w = 346 * 0.75 * 1.25 / 2  # the padded crop of the box (width 0.75 x height x 1.25): joints lie inside
+    assert res[0]["image_id"] == 785 and (np.abs(k[:, 0] - (280 + 109)) <= half_w + 1).all()
+    assert (pred / "predict" / "000000000785.jpg").is_file()
+    whole = train_pose.main(TINY + [f"output_dir={tmp_path / 'whole'}", f"load_from={best}",
+                                    "predict=tests/data/pose/images", "tracker=none"])
+    assert whole["predictions"] == len(list(__import__("pathlib").Path("tests/data/pose/images").glob("*.jpg")))
+    pytest.importorskip("onnxruntime")
+    ex = train_pose.main(TINY + [f"output_dir={tmp_path / 'ex'}", f"load_from={best}", "export=onnx",
+                                 "tracker=none"])
+    assert (tmp_path / "ex" / "export" / "model.onnx").is_file() and ex["onnx_max_abs_diff"] < 1e-4

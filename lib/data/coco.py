@@ -2,6 +2,9 @@
 
     ds = CocoPoseDataset(cfg, "train", train=True, seed=0)   # ground-truth boxes of annotated persons
     ds = CocoPoseDataset(cfg, "val", train=False)             # detection boxes (cfg.det_file) or gt boxes
+    tr, va = fold_image_ids(load_coco_json(Path(cfg.root) / cfg.train_ann), k=5, fold=0)  # image-disjoint folds
+    ds = CocoPoseDataset(cfg, "train", train=False, image_ids=va)             # fold 0 of the train annotations
+    mean = mean_pose(ds.items, aspect=0.75)                    # (J, 2) mean joints in the padded box, [0, 1]
     ds[(index, epoch)] -> {"image": (3, h, w) float, "target": (J, h/4, w/4), "target_weight": (J,),
                            "center": (2,), "scale": (2,), "box_score": (), "image_id": ()}
 
@@ -26,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.data.common import DataError, read_image, require_dir, sample_rng, split_key, to_tensor_normalized
+from lib.data.common import (DataError, kfold_indices, read_image, require_dir, sample_rng, split_key,
+                             to_tensor_normalized)
 
 COCO_KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -57,6 +61,8 @@ class PoseDataConfig:
     scale_factor: float = 0.35
     rot_factor: float = 45.0
     rot_prob: float = 0.6
+    folds: int = 0  # k >= 2: k-fold over the training IMAGES (sweep.py --folds); validate on fold `fold` of train_ann
+    fold: int = 0  # the held-out fold (0 <= fold < folds); the split is fixed (seed 0), the same for every run seed
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -179,14 +185,52 @@ def detection_instances(dets: list, coco: dict, path: Path, thr: float) -> list[
     return out
 
 
+def fold_image_ids(coco: dict, k: int, fold: int, seed: int = 0) -> tuple[set[int], set[int]]:
+    """(train, val) image ids of fold `fold` of `k` over the images of `coco` (every person of an image
+    lands in the same fold, so COCO AP on the held-out images is well defined)."""
+    if k < 2 or not 0 <= fold < k:
+        raise DataError(f"data.folds={k} / data.fold={fold}: need folds >= 2 and 0 <= fold < folds")
+    ids = sorted(im["id"] for im in coco["images"])
+    if len(ids) < k:
+        raise DataError(f"data.folds={k}: the train annotations have only {len(ids)} images")
+    tr, va = kfold_indices(len(ids), k, fold, seed=seed)
+    return {ids[i] for i in tr}, {ids[i] for i in va}
+
+
+def subset_images(coco: dict, image_ids: set[int]) -> dict:
+    """The COCO dict restricted to `image_ids` (images and their annotations)."""
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in image_ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
+
+
+def mean_pose(items: list[dict], aspect: float, padding: float = 1.25) -> np.ndarray:
+    """Mean joint positions (J, 2) of annotated persons, each normalised in its padded box crop
+    (box_to_center_scale): (0, 0) = the crop's top-left corner, (1, 1) = its bottom-right. Joints
+    never visible sit at the crop centre."""
+    total, count = np.zeros((len(COCO_KEYPOINTS), 2)), np.zeros(len(COCO_KEYPOINTS))
+    for it in items:
+        center, scale = box_to_center_scale(it["box"], aspect, padding)
+        uv = (it["joints"] - center) / scale + 0.5  # (J, 2)
+        total += uv * it["visible"][:, None]
+        count += it["visible"]
+    return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], 0.5).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- dataset
 class CocoPoseDataset(torch.utils.data.Dataset):
-    def __init__(self, cfg: PoseDataConfig, split: str, train: bool, seed: int = 0):
+    """One sample per person box; `image_ids` restricts it (and `self.coco`, used for COCO AP) to those images."""
+
+    accepts_epoch_keys = True  # lib.data.common.make_loader hands (index, epoch) keys
+
+    def __init__(self, cfg: PoseDataConfig, split: str, train: bool, seed: int = 0,
+                 image_ids: set[int] | None = None):
         root = Path(cfg.root)
         ann, img_dir = (cfg.train_ann, cfg.train_images) if split == "train" else (cfg.val_ann, cfg.val_images)
         self.ann_file, self.img_dir = root / ann, require_dir(root / img_dir, "image")
         self.coco = load_coco_json(self.ann_file)
-        if train or not cfg.det_file:
+        if image_ids is not None:
+            self.coco = subset_images(self.coco, image_ids)
+        if split == "train" or not cfg.det_file:  # gt boxes; detections are for the val annotations' images
             self.items = person_instances(self.coco, self.ann_file)
         else:
             det_path = root / cfg.det_file
