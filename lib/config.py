@@ -391,6 +391,17 @@ def to_dict(cfg) -> dict:
     return conv(cfg)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (dotted keys of a nested config dict; empty dicts stay as values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _merge(base: dict, over: dict) -> dict:
     """`base` updated by `over`, recursively; a new dict that shares no nested dict or list with either."""
     out = copy.deepcopy(base)

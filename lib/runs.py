@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from lib.config import ConfigError, build_config, load_yaml
+from lib.config import ConfigError, build_config, flatten, load_yaml
 
 HOST = socket.gethostname()
 
@@ -237,14 +237,6 @@ def run_pool(jobs: list[tuple[list[str], Path]], workers: int = 1, gpus: list[in
 
 
 # ----------------------------------------------------------------------------- results of run folders
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def is_number(v: Any) -> bool:

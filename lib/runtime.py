@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from torch import nn
 
-from lib.config import RunConfig, save_config, to_dict
+from lib.config import RunConfig, flatten, save_config, to_dict
 from lib.errors import UserError  # noqa: F401  (also importable from here, as before)
 
 
@@ -167,7 +167,7 @@ def setup_run(cfg: RunConfig, project: str) -> Accelerator:
     accelerator.wait_for_everyone()
     install_stop_handlers()
     if cfg.tracker != "none":
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
         name = getattr(cfg, "project", "") or project
         run_name = getattr(cfg, "run_name", "") or run_dir.resolve().name
         kwargs = {"wandb": {"wandb": {"name": run_name, "dir": str(run_dir)}},
@@ -254,14 +254,6 @@ def stop_requested(accelerator=None) -> bool:
     return flag
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 class _AllReduceSyncBN(nn.BatchNorm2d):

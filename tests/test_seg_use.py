@@ -16,7 +16,7 @@ from PIL import Image
 import train_seg
 from lib.config import build_config
 from lib.data.common import read_image, to_tensor_normalized
-from lib.data.seg import SegFolderDataset, _rescale_size
+from lib.data.seg import SegFolderDataset, rescale_size
 from lib.errors import UserError
 from lib.metrics.seg import confusion_matrix, seg_metrics
 from lib.models.segformer import SegFormer
@@ -52,6 +52,7 @@ def test_eval_only_reads_a_labelled_folder_and_no_training_folder(trained, tmp_p
     log = (out / "log.txt").read_text()
     assert f"eval: 2 images from {elsewhere / 'imgs'}" in log and "weights of step 2" in log
     assert last_metrics(out)["step"] == 2
+    assert not (out / "checkpoints").exists()  # eval_only writes no step checkpoints
 
 
 def test_aug_test_at_scale_one_without_flip_is_whole_image_eval():
@@ -96,6 +97,7 @@ def test_predict_writes_palette_masks_that_score_like_eval(trained, tmp_path):
     masks = _predict_masks(out / "predict")
     assert sorted(masks) == ["0016E5_07959", "0016E5_08039"]
     assert len(list((out / "predict").glob("*_overlay.jpg"))) == 2
+    assert not (out / "checkpoints").exists()  # predict writes no step checkpoints
     png = Image.open(out / "predict" / "0016E5_07959.png")
     assert png.mode == "P" and png.getpalette()[:6] == [128, 128, 128, 128, 0, 0]  # CamVid Sky, Building
     cfg = build_config(train_seg.SegConfig, {"data": {"scale": [120, 90]}})
@@ -136,7 +138,7 @@ def test_export_onnx_matches_pytorch_and_safetensors_round_trips(trained, tmp_pa
     for name in ("0016E5_07959", "0016E5_08039"):  # sample images through the val resize, as a batch of 2
         img = read_image(SEG / "val" / f"{name}.jpg")
         h, w = img.shape[:2]
-        imgs.append(to_tensor_normalized(np.array(Image.fromarray(img).resize(_rescale_size(w, h, (120, 90), 1.0),
+        imgs.append(to_tensor_normalized(np.array(Image.fromarray(img).resize(rescale_size(w, h, (120, 90), 1.0),
                                                                                  Image.BILINEAR))))
     x = torch.stack(imgs)  # (2, 3, 90, 120): the export used batch 1, the batch axis is dynamic
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -146,6 +148,7 @@ def test_export_onnx_matches_pytorch_and_safetensors_round_trips(trained, tmp_pa
     assert got.shape == ref.shape == (2, 11, 23, 30)
     assert np.abs(got - ref).max() < 1e-4
     assert "onnxruntime vs PyTorch max |diff|" in (tmp_path / "onnx" / "log.txt").read_text()
+    assert not (tmp_path / "onnx" / "checkpoints").exists()  # export writes no step checkpoints
     train_seg.main(TINY + [f"output_dir={tmp_path / 'st'}", f"load_from={best}", "export=safetensors"])
     from safetensors.torch import load_file
 

@@ -24,11 +24,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image
 
+from lib.config import Frac, NonNegFloat, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.data.common import (DataError, kfold_indices, read_image, require_dir, sample_rng, split_key,
                              to_tensor_normalized)
 
@@ -42,27 +44,27 @@ UPPER_BODY = list(range(11))  # nose .. wrists
 
 @dataclass
 class PoseDataConfig:
-    root: str = "tests/data/pose"
-    train_ann: str = "test_coco.json"  # COCO person_keypoints_*.json, relative to root
-    train_images: str = "images"
-    val_ann: str = "test_coco.json"
-    val_images: str = "images"
-    det_file: str = ""  # person detections json for evaluation ("" = ground-truth boxes)
-    det_bbox_thr: float = 0.0
-    image_size: tuple[int, int] = (192, 256)  # (w, h); heatmaps are (w/4, h/4)
-    sigma: float = 2.0
+    root: PathStr = "tests/data/pose"  # dataset folder; the five paths below are relative to it
+    train_ann: SubPath = "test_coco.json"  # COCO person_keypoints_*.json, relative to root
+    train_images: SubPath = "images"
+    val_ann: SubPath = "test_coco.json"
+    val_images: SubPath = "images"
+    det_file: SubPath = ""  # person detections json for evaluation, relative to root ("" = ground-truth boxes)
+    det_bbox_thr: Frac = 0.0  # keep detections scoring above this
+    image_size: tuple[PosInt, PosInt] = (192, 256)  # (w, h); heatmaps are (w/4, h/4)
+    sigma: PosFloat = 2.0  # Gaussian of the target heatmaps, in heatmap pixels
     unbiased_encoding: bool = True
-    bbox_padding: float = 1.25
-    shift_prob: float = 0.3
-    shift_factor: float = 0.16
-    flip_prob: float = 0.5
-    half_body_prob: float = 0.3
-    half_body_min_joints: int = 8
-    scale_factor: float = 0.35
-    rot_factor: float = 45.0
-    rot_prob: float = 0.6
-    folds: int = 0  # k >= 2: k-fold over the training IMAGES (sweep.py --folds); validate on fold `fold` of train_ann
-    fold: int = 0  # the held-out fold (0 <= fold < folds); the split is fixed (seed 0), the same for every run seed
+    bbox_padding: PosFloat = 1.25
+    shift_prob: Frac = 0.3
+    shift_factor: NonNegFloat = 0.16
+    flip_prob: Frac = 0.5
+    half_body_prob: Frac = 0.3
+    half_body_min_joints: NonNegInt = 8
+    scale_factor: Annotated[float, Range(ge=0, lt=1)] = 0.35  # scale N(1, f) clipped to [1 - f, 1 + f]
+    rot_factor: NonNegFloat = 45.0  # rotation N(0, f) degrees clipped to +-2f
+    rot_prob: Frac = 0.6
+    folds: NonNegInt = 0  # k >= 2: k-fold over the training IMAGES (sweep.py --folds); validate on fold `fold` of train_ann
+    fold: NonNegInt = 0  # the held-out fold (0 <= fold < folds); the split is fixed (seed 0), the same for every run seed
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -114,6 +114,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8 image (for overlays)."""
+    x = image.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def to_tensor_normalized(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float normalised."""
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous().float().div_(255)  # (3, H, W)

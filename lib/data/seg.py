@@ -25,7 +25,7 @@ from PIL import Image
 from lib.data.device_aug import AUG_FIELDS, NO_PHOTOMETRIC
 from lib.errors import DataError, UserError
 
-from lib.data.common import read_image, require_dir, sample_rng, split_key, to_tensor_normalized
+from lib.data.common import denormalize, read_image, require_dir, sample_rng, split_key, to_tensor_normalized  # noqa: F401 (denormalize re-exported)
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -77,11 +77,14 @@ def list_pairs(root: Path, img_dir: str, ann_dir: str) -> list[tuple[Path, Path]
     return pairs
 
 
-def _rescale_size(w: int, h: int, scale: tuple[int, int], ratio: float) -> tuple[int, int]:
+def rescale_size(w: int, h: int, scale: tuple[int, int], ratio: float) -> tuple[int, int]:
     """mmseg keep_ratio rescale: fit (long, short) edges into scale * ratio."""
     long_e, short_e = max(scale) * ratio, min(scale) * ratio
     f = min(long_e / max(w, h), short_e / min(w, h))
     return max(int(w * f + 0.5), 1), max(int(h * f + 0.5), 1)
+
+
+_rescale_size = rescale_size  # old private name
 
 
 def draw_photometric(rng: np.random.Generator) -> dict:
@@ -184,7 +187,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
             img = self.apply(img, p)
         else:
             h, w = img.shape[:2]
-            img = np.array(Image.fromarray(img).resize(_rescale_size(w, h, self.cfg.scale, 1.0), Image.BILINEAR))
+            img = np.array(Image.fromarray(img).resize(rescale_size(w, h, self.cfg.scale, 1.0), Image.BILINEAR))
         return {"image": to_tensor_normalized(img), "label": torch.from_numpy(label), "name": name}
 
     def augment(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator):
@@ -201,7 +204,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
         rescaled map is never built."""
         cfg = self.cfg
         h, w = hw
-        out_w, out_h = _rescale_size(w, h, cfg.scale, rng.uniform(*cfg.ratio_range))
+        out_w, out_h = rescale_size(w, h, cfg.scale, rng.uniform(*cfg.ratio_range))
         ch, cw = cfg.crop_size
         crop_h, crop_w = min(ch, out_h), min(cw, out_w)
         sx, sy = w / out_w, h / out_h
@@ -255,9 +258,3 @@ def colorize(label: np.ndarray, palette=CAMVID_PALETTE, ignore_index: int = 255)
     return out
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) normalised -> (H, W, 3) uint8."""
-    from lib.data.common import IMAGENET_MEAN, IMAGENET_STD
-
-    x = image.float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

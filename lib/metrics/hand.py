@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lib.data.common import IMAGENET_MEAN, IMAGENET_STD
+from lib.data.common import denormalize  # noqa: F401 (used by overlays below)
 
 # bones of the 21-joint hand (wrist, then thumb, index, middle, ring, pinky, base to tip)
 BONES = [(0 if j % 4 == 1 else j - 1, j) for j in range(1, 21)]
@@ -65,10 +65,6 @@ def fluctuation(values: list[float]) -> float:
     return float(np.std(np.asarray(values, dtype=np.float64))) if len(values) > 1 else 0.0
 
 
-def denormalize(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8."""
-    x = img.float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def draw_keypoints(img: np.ndarray, kps: np.ndarray, color: tuple, radius: int = 2) -> np.ndarray:
