@@ -16,6 +16,7 @@ label stays at its original size (metrics at original resolution, as mmseg).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from lib.data.device_aug import AUG_FIELDS, NO_PHOTOMETRIC
+from lib.config import Frac, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.errors import DataError, UserError
 
 from lib.data.common import denormalize, read_image, require_dir, sample_rng, split_key, to_tensor_normalized  # noqa: F401 (denormalize re-exported)
@@ -36,29 +38,29 @@ CAMVID_PALETTE = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128],
 
 @dataclass
 class SegDataConfig:
-    root: str = "tests/data/seg"
-    train_img_dir: str = "train"
-    train_ann_dir: str = "trainannot"
-    val_img_dir: str = "val"
-    val_ann_dir: str = "valannot"
+    root: PathStr = "tests/data/seg"
+    train_img_dir: SubPath = "train"  # folders below `root`
+    train_ann_dir: SubPath = "trainannot"
+    val_img_dir: SubPath = "val"
+    val_ann_dir: SubPath = "valannot"
     # labelled test set for eval_only (split "test"); relative to `root`, or absolute paths
-    test_img_dir: str = ""
-    test_ann_dir: str = ""
-    num_classes: int = 11
+    test_img_dir: SubPath = ""
+    test_ann_dir: SubPath = ""
+    num_classes: PosInt = 11
     class_names: list[str] = field(default_factory=lambda: list(CAMVID_CLASSES))
-    ignore_index: int = 255
+    ignore_index: NonNegInt = 255
     void_labels: list[int] = field(default_factory=lambda: [11])  # mapped to ignore_index
-    scale: tuple[int, int] = (960, 720)  # (W, H) base scale; images are resized to fit it keeping aspect
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    crop_size: tuple[int, int] = (512, 512)  # (H, W)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
+    scale: tuple[PosInt, PosInt] = (960, 720)  # (W, H) base scale; images are resized to fit it keeping aspect
+    ratio_range: tuple[PosFloat, PosFloat] = (0.5, 2.0)
+    crop_size: tuple[PosInt, PosInt] = (512, 512)  # (H, W)
+    cat_max_ratio: Annotated[float, Range(gt=0, le=1)] = 0.75  # 1 = off
+    flip_prob: Frac = 0.5
     photometric: bool = True
     # where the train augmentation runs: "cpu" = in the loader workers (PIL); "device" = workers
     # decode and crop the label only, lib.data.device_aug.seg_train_batch does the image on the GPU
-    aug_device: str = "cpu"
-    folds: int = 0  # k-fold cross-validation over the train folder (0 = off)
-    fold: int = 0
+    aug_device: Literal["cpu", "device"] = "cpu"
+    folds: NonNegInt = 0  # k-fold cross-validation over the train folder (0 = off)
+    fold: NonNegInt = 0
 
 
 def list_pairs(root: Path, img_dir: str, ann_dir: str) -> list[tuple[Path, Path]]:
