@@ -12,7 +12,8 @@ Run (1 CPU, 1 GPU, N GPUs or N nodes: whatever `accelerate config` / the launch 
       load_from=runs/coco_s_v1/checkpoints/best                                         # evaluate a checkpoint
   accelerate launch train_pose.py --config configs/pose/coco_s_v1.yaml eval_only=true \
       ensemble=[runs/a/checkpoints/best,runs/b/checkpoints/best]                        # heatmap-averaging ensemble
-  accelerate launch train_pose.py --config configs/pose/coco_s_v1.yaml resume=auto       # continue a run
+  accelerate launch train_pose.py --config configs/pose/coco_s_v1.yaml resume=auto       # continue a run (also after Ctrl-C)
+  accelerate launch train_pose.py --config configs/pose/coco_mini.yaml ema.decay=0.999   # + EMA weights: ema_AP, checkpoints/best_ema
   accelerate launch train_pose.py --config configs/pose/sample.yaml save_vis=4           # + pose pictures in vis/
   accelerate launch train_pose.py --config configs/pose/coco_mini.yaml eval_only=true baseline=mean_pose  # trivial row
   accelerate launch train_pose.py load_from=runs/pose_coco_mini/checkpoints/best predict=images/ \
@@ -32,7 +33,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -40,12 +41,14 @@ from accelerate.utils import gather_object
 from PIL import Image
 from torch import nn
 
-from lib.checkpoint import (checkpoint_info, eval_members, find_resume, load_checkpoint, load_weights,
-                            save_checkpoint, save_weights)
-from lib.config import RunConfig, TrainConfig, parse_config, resolve_units
+from lib.checkpoint import (BestCheckpoint, checkpoint_info, eval_members, find_resume, load_checkpoint, load_weights,
+                            save_checkpoint)
+from lib.config import (Frac, NonNegFloat, NonNegInt, PathStr, PosInt, Range, RunConfig, TrainConfig, parse_config,
+                        resolve_units)
 from lib.data.coco import (COCO_FLIP_PAIRS, COCO_KEYPOINTS, CocoPoseDataset, PoseDataConfig, affine_matrix,
                            box_to_center_scale, draw_poses, fold_image_ids, load_coco_json, mean_pose, warp_image)
 from lib.data.common import make_loader, read_image, to_tensor_normalized
+from lib.ema import ModelEMA
 from lib.errors import DataError, ModelError, UserError
 from lib.export import export_model, onnx_max_abs_diff
 from lib.logging import RunLog
@@ -54,31 +57,31 @@ from lib.metrics.pose import decode_heatmaps, evaluate_coco, heatmap_to_image, p
 from lib.models.tokenpose import TokenPose, convert_state_dict, tokenpose
 from lib.optim import build_optimizer, param_groups, scaled_lr
 from lib.predict import list_inputs, shard
-from lib.runtime import cli_main, convert_sync_batchnorm, setup_run
+from lib.runtime import cli_main, convert_sync_batchnorm, setup_run, stop_requested
 from lib.schedules import lr_scheduler
 
 
 @dataclass
 class ModelConfig:
     name: Literal["t", "s-v1", "s-v2"] = "s-v1"  # SDPose preset
-    cycle_num: int = 0  # transformer cycles in training (0 = the preset's)
-    test_cycle: int = 1  # evaluation predicts from cycle test_cycle (SDPose: the first)
-    depth: int = 0  # 0 = the preset's
-    dim: int = 192
-    heads: int = 8
+    cycle_num: NonNegInt = 0  # transformer cycles in training (0 = the preset's)
+    test_cycle: PosInt = 1  # evaluation predicts from cycle test_cycle (SDPose: the first)
+    depth: NonNegInt = 0  # 0 = the preset's
+    dim: PosInt = 192
+    heads: PosInt = 8
 
 
 @dataclass
 class TokenDistilConfig:  # lib.losses.pose.MaskedTokenDistilLoss
-    loss_weight: float = 5e-6  # SDPose's TokenDistilLoss weight; 0 = off
-    mask_ratio: float = 0.0  # fraction of token positions left out of the distillation
+    loss_weight: NonNegFloat = 5e-6  # SDPose's TokenDistilLoss weight; 0 = off
+    mask_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.0  # fraction of token positions left out of the distillation
     mask_strategy: Literal["random", "importance"] = "random"
     detach_teacher: bool = False
 
 
 @dataclass
 class LossConfig:
-    heatmap_weight: float = 1.0  # JointsMSE (target weights), summed over cycles
+    heatmap_weight: NonNegFloat = 1.0  # JointsMSE (target weights), summed over cycles
     # token self-distillation between cycles; null = the term is off (e.g. loss.vis_token=null)
     vis_token: TokenDistilConfig | None = field(default_factory=TokenDistilConfig)  # loss_vis_token_dist
     kpt_token: TokenDistilConfig | None = field(default_factory=TokenDistilConfig)  # loss_kpt_token_dist
@@ -86,13 +89,13 @@ class LossConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32
+    batch_size: PosInt = 32
     flip_test: bool = True
     shift_heatmap: bool = True
     decode: Literal["dark", "default", "argmax"] = "dark"  # dark = mmpose post_process='unbiased'
-    blur_kernel: int = 11
-    vis_thr: float = 0.2
-    oks_thr: float = 0.9
+    blur_kernel: PosInt = 11  # dark: Gaussian blur of the heatmaps before the Taylor step (odd)
+    vis_thr: Frac = 0.2
+    oks_thr: Frac = 0.9
     use_nms: bool = True
 
 
@@ -103,8 +106,8 @@ class PoseConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="AP", best_mode="max"))
-    save_vis: int = 0  # draw the predicted poses (after NMS) on this many val images per evaluation
-    predict_boxes: str = ""  # predict: person boxes json (COCO detections: file_name or image_id, bbox, score); "" = whole image
+    save_vis: NonNegInt = 0  # draw the predicted poses (after NMS) on this many val images per evaluation
+    predict_boxes: PathStr = ""  # predict: person boxes json (COCO detections: file_name or image_id, bbox, score); "" = whole image
 
 
 def build_model(cfg: PoseConfig) -> TokenPose:
@@ -194,6 +197,7 @@ def evaluate(models: list, loader, cfg: PoseConfig, accelerator, val_ds, vis_dir
              mean: np.ndarray | None = None) -> list[dict]:
     """COCO keypoint metrics of each model and, with several, of their heatmap-averaged ensemble (last).
     `mean` (J, 2) instead of models: the mean-pose baseline, joints at mean * crop size in each box (score 1)."""
+    modes = [m.training for m in models]
     for m in models:
         m.eval()
     rows: list[list[dict]] = [[] for _ in range(max(len(models) + (len(models) > 1), 1))]
@@ -214,8 +218,8 @@ def evaluate(models: list, loader, cfg: PoseConfig, accelerator, val_ds, vis_dir
             row.append(accelerator.gather_for_metrics({
                 "kpts": kpts, "maxval": maxval, "box_score": batch["box_score"],
                 "area": batch["scale"].prod(-1), "image_id": batch["image_id"]}))
-    for m in models:
-        m.train()
+    for m, was_training in zip(models, modes):
+        m.train(was_training)
     out = []
     for row in rows:
         r = {k: torch.cat([x[k] for x in row]).cpu().numpy() for k in row[0]}
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.baseline and (cfg.baseline != "mean_pose" or not cfg.eval_only or members):
         raise UserError(f"baseline={cfg.baseline!r}: pose has baseline=mean_pose, with eval_only=true and "
                         "without load_from / ensemble")
+    if cfg.eval.blur_kernel % 2 == 0:
+        raise UserError(f"eval.blur_kernel={cfg.eval.blur_kernel}: the DARK blur kernel must be odd")
 
     # ---- use a trained model: predict / export (load_from only; no dataset is read)
     if cfg.predict or cfg.export:
@@ -368,19 +374,24 @@ def main(argv: list[str] | None = None) -> dict:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
+    ema = ModelEMA(model, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None  # fp32 copy of the weights
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved in step_N, restored by load_checkpoint
+    best = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode)  # checkpoints/best (AP, max)
+    best_ema = BestCheckpoint(run_dir, cfg.train.best_metric, cfg.train.best_mode, name="best_ema")
 
     step = 0
     ckpt = find_resume(run_dir, cfg.resume)
     if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        log.info(f"resumed from {ckpt} at step {step}")
+        step = load_checkpoint(accelerator, ckpt, cfg)["step"]  # a changed model/data key is named
+        log.resumed(step, ckpt)
+        best.restore(), best_ema.restore()  # a worse evaluation after the resume keeps the best so far
 
     # ---- training loop
-    epoch, skip = divmod(step, max(steps_per_epoch, 1))
-    best = None
-    metrics: dict = {}
+    epoch, skip = divmod(step, steps_per_epoch)
+    record: dict = {}
     model.train()
-    while step < cfg.train.total_steps:
+    while step < cfg.train.total_steps and not stop_requested(accelerator):
         train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
@@ -411,24 +422,32 @@ def main(argv: list[str] | None = None) -> dict:
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             log.train_step(step, {"loss": loss} | losses if len(losses) > 1 else losses, lr=lr, images=global_batch)
 
             if step % cfg.train.eval_interval == 0 or step == cfg.train.total_steps:
                 metrics = evaluate([model], val_loader, cfg, accelerator, val_ds,
                                    run_dir / "vis" / f"step_{step}" if cfg.save_vis else None)[0]
-                log.eval(step, metrics)
-                key = cfg.train.best_metric
-                better = best is None or (metrics[key] > best if cfg.train.best_mode == "max" else metrics[key] < best)
-                if better:
-                    best = metrics[key]
-                    save_weights(accelerator, model, run_dir / "checkpoints" / "best", {"step": step, key: best})
+                ema_metrics = {}
+                if ema is not None and cfg.ema.eval:  # the averaged weights through the same eval, logged as ema_*
+                    ema_metrics = evaluate([ema.module], val_loader, cfg, accelerator, val_ds)[0]
+                record = metrics | {f"ema_{k}": v for k, v in ema_metrics.items()}
+                log.eval(step, record)
+                best.update(accelerator, model, step, metrics)
+                if ema_metrics:
+                    best_ema.update(accelerator, ema.module, step, ema_metrics)
             if step % cfg.train.ckpt_interval == 0 or step == cfg.train.total_steps:
-                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts)
-            if step >= cfg.train.total_steps:
+                save_checkpoint(accelerator, run_dir, step, {"epoch": epoch}, cfg.train.max_keep_ckpts,
+                                metrics=record)
+            if step >= cfg.train.total_steps or stop_requested(accelerator):
                 break
         epoch += 1
+    if step < cfg.train.total_steps:  # stopped by Ctrl-C / SIGTERM: save and say how to continue
+        log.interrupted(step, save_checkpoint(accelerator, run_dir, step, {"epoch": step // steps_per_epoch},
+                                              cfg.train.max_keep_ckpts))
     log.close()
-    return metrics
+    return record
 
 
 if __name__ == "__main__":
