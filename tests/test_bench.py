@@ -49,11 +49,11 @@ def test_identical_models_compare_near_one():
     nn = torch.nn
     nets = [nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    res = compare({"a": _step(nets[0], x), "b": _step(nets[1], x)}, 8, torch.device("cpu"), rounds=9, warmup=2, iters=4)
+    res = compare({"a": _step(nets[0], x), "b": _step(nets[1], x)}, 8, torch.device("cpu"), rounds=15, warmup=3, iters=16)  # blocks of ~0.1 s: scheduler noise averages out
     r = ratio(res, "a", "b")
     assert 0.8 <= r["median"] <= 1.25, r
     a = res["a"]
-    assert len(a["rounds"]) == 9 and a["img_per_s_min"] <= a["img_per_s"] <= a["img_per_s_max"]
+    assert len(a["rounds"]) == 15 and a["img_per_s_min"] <= a["img_per_s"] <= a["img_per_s_max"]
 
 
 def _find(obj, key):
