@@ -157,13 +157,14 @@ class RunLog:
     def close(self) -> None:
         from lib.runtime import restore_stop_handlers
 
-        restore_stop_handlers()
         if self.progress is not None:
             self.progress.stop()
         if self.main:
             self._log_file.close()
             plot_curves(self.run_dir)
         self.acc.end_training()
+        # last: a second Ctrl-C while the pictures are drawn or the trackers finish still exits at once (130)
+        restore_stop_handlers()
 
 
 def _fmt_time(sec: float) -> str:

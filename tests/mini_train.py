@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {}
     n_eval = step // cfg.train.eval_interval
     model.train()
+    log.info(f"train: steps {step + 1}..{cfg.train.total_steps}")
     while step < cfg.train.total_steps and not stop_requested(accelerator):
         time.sleep(cfg.mini.sleep)
         idx = torch.randperm(64, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step))[:16]
