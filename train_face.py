@@ -413,13 +413,14 @@ def main(argv: list[str] | None = None) -> dict:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # the step's logged loss = mean over its micro-batches
             if not accelerator.sync_gradients:
                 continue
             step += 1
             if ema is not None:
                 ema.update(model, step)
             loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
-            log.train_step(step, {"loss": loss} | losses if len(losses) > 1 else losses, lr=lr, images=global_batch)
+            log.train_step(step, lr=lr, images=global_batch)
 
             if val_loader is not None and (step % eval_every == 0 or step == cfg.train.total_steps):
                 _, metrics = verify([model], val_loader, val_index, val_labels, cfg, accelerator, run_dir / "roc.png")

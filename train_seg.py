@@ -445,13 +445,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # the step's logged loss = mean over its micro-batches
             if not accelerator.sync_gradients:
                 continue
             step += 1
             if ema is not None:
                 ema.update(model, step)
-            log.train_step(step, {"loss": loss} | losses if len(losses) > 1 else losses,
-                           lr=lr, images=global_batch)
+            log.train_step(step, lr=lr, images=global_batch)
 
             if step % cfg.train.eval_interval == 0 or step == cfg.train.total_steps:
                 metrics = evaluate([model], val_loader, cfg, accelerator,

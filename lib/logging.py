@@ -1,7 +1,9 @@
 """Console progress (rich), log.txt, metrics.jsonl and tracker logging for a run.
 
     log = RunLog(accelerator, run_dir, total_steps, start_step, log_interval)
-    log.train_step(step, {"loss_ce": l1, "loss_kd": l2}, lr=..., images=global_batch)  # every step
+    log.micro_batch({"loss_ce": l1, "loss_kd": l2})  # every backward, also while gradients accumulate
+    log.train_step(step, lr=..., images=global_batch)  # every optimizer step: logs the micro-batches' mean
+    log.train_step(step, {"loss": l}, lr=..., images=b)  # the same in one call, for a loop without accumulation
     log.eval(step, {"mIoU": 71.2, ...})                                             # each evaluation
     log.resumed(step, ckpt)       # after load_checkpoint: drops records after `step`, marks log.txt
     log.interrupted(step, path)   # after the Ctrl-C checkpoint: one line saying how to continue
@@ -65,6 +67,8 @@ class RunLog:
         self.console = make_console()
         self._sums: dict[str, torch.Tensor] = {}
         self._n, self._images, self._t = 0, 0, time.perf_counter()
+        self._micro: dict[str, torch.Tensor] = {}  # loss sums over the micro-batches of the current step
+        self._micro_n, self._last_step = 0, start_step
         self.progress = None
         self._last_plot = time.perf_counter()
         if self.main:
@@ -102,16 +106,29 @@ class RunLog:
             self._log_file.write(msg + "\n")
             self._log_file.flush()
 
-    def train_step(self, step: int, losses: dict[str, torch.Tensor], lr: float, images: int,
+    def micro_batch(self, losses: dict[str, torch.Tensor]) -> None:
+        """Record the losses of one micro-batch (call it for every backward, also while gradients
+        accumulate); the next `train_step` logs their mean, i.e. the loss of the whole optimizer step."""
+        if self.check_losses:
+            check_finite(losses, self._last_step + 1)
+        for k, v in losses.items():
+            self._micro[k] = self._micro.get(k, 0) + v.detach().float()
+        self._micro_n += 1
+
+    def train_step(self, step: int, losses: dict[str, torch.Tensor] | None = None, *, lr: float, images: int,
                    extra: dict[str, float] | None = None) -> None:
-        """Record the losses of optimizer step `step` (1-based); print/log every log_interval steps."""
+        """Record optimizer step `step` (1-based): the mean of its `micro_batch` losses (or `losses`, for
+        a loop without accumulation); print/log every log_interval steps."""
         from lib.runtime import _state
 
         _state["started"] = True
-        if self.check_losses:
-            check_finite(losses, step)
-        for k, v in losses.items():
-            self._sums[k] = self._sums.get(k, 0) + v.detach().float()
+        if losses is not None:
+            self.micro_batch(losses)
+        if not self._micro_n:
+            raise ValueError("RunLog.train_step: no losses (call micro_batch for each micro-batch, or pass losses)")
+        for k, v in self._micro.items():
+            self._sums[k] = self._sums.get(k, 0) + v / self._micro_n
+        self._micro, self._micro_n, self._last_step = {}, 0, step
         self._n += 1
         self._images += images
         if self.progress is not None:

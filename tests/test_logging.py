@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
-from lib.logging import RunLog, fmt, make_console, plot_curves
+from lib.logging import NonFiniteLossError, RunLog, fmt, make_console, plot_curves
 
 
 class FakeAccelerator:
@@ -64,3 +65,16 @@ def test_ten_metrics_plot_as_a_grid(tmp_path):
     plot_curves(tmp_path)
     w, h = Image.open(tmp_path / "metrics.png").size
     assert (w, h) == (int(3.2 * 4 * 72), int(2.8 * 3 * 72)) == (921, 604)  # 4 columns x 3 rows, not 10 x 1
+
+
+def test_logged_loss_is_the_mean_over_the_micro_batches_of_a_step(tmp_path):
+    log = RunLog(FakeAccelerator(), tmp_path, total_steps=2, log_interval=1)
+    for v in (1.0, 2.0, 6.0):  # 3 micro-batches of gradient accumulation
+        log.micro_batch({"loss": torch.tensor(v)})
+    log.train_step(1, lr=1e-3, images=12)
+    log.train_step(2, {"loss": torch.tensor(5.0)}, lr=1e-3, images=12)  # one call, no accumulation
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [3.0, 5.0]
+    with pytest.raises(NonFiniteLossError, match="step 3: loss = nan"):
+        log.micro_batch({"loss": torch.tensor(float("nan"))})
