@@ -433,13 +433,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            terms = {k: v for k, v in losses.items() if supervised_mano or k not in ("loss_theta", "loss_beta")}
             log.micro_batch({"total": loss} | terms)  # the step's logged loss = mean over its micro-batches
             if not accelerator.sync_gradients:
                 continue
             step += 1
             if ema is not None:
                 ema.update(model, step)
-            terms = {k: v for k, v in losses.items() if supervised_mano or k not in ("loss_theta", "loss_beta")}
             log.train_step(step, lr=lr, images=global_batch, extra={"dropout": p_drop})
 
             if step % cfg.train.eval_interval == 0 or step == cfg.train.total_steps:
