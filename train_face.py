@@ -413,13 +413,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # the step's logged loss = mean over its micro-batches
+            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # logged: mean over micro-batches
+            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1  # every micro-batch, like the log line
             if not accelerator.sync_gradients:
                 continue
             step += 1
             if ema is not None:
                 ema.update(model, step)
-            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             log.train_step(step, lr=lr, images=global_batch)
 
             if val_loader is not None and (step % eval_every == 0 or step == cfg.train.total_steps):

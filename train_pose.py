@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # the step's logged loss = mean over its micro-batches
+            log.micro_batch({"loss": loss} | losses if len(losses) > 1 else losses)  # logged: mean over micro-batches
             if not accelerator.sync_gradients:
                 continue
             step += 1

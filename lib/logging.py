@@ -68,7 +68,7 @@ class RunLog:
         self._sums: dict[str, torch.Tensor] = {}
         self._n, self._images, self._t = 0, 0, time.perf_counter()
         self._micro: dict[str, torch.Tensor] = {}  # loss sums over the micro-batches of the current step
-        self._micro_n, self._last_step = 0, start_step
+        self._micro_n = 0
         self.progress = None
         self._last_plot = time.perf_counter()
         if self.main:
@@ -109,8 +109,6 @@ class RunLog:
     def micro_batch(self, losses: dict[str, torch.Tensor]) -> None:
         """Record the losses of one micro-batch (call it for every backward, also while gradients
         accumulate); the next `train_step` logs their mean, i.e. the loss of the whole optimizer step."""
-        if self.check_losses:
-            check_finite(losses, self._last_step + 1)
         for k, v in losses.items():
             self._micro[k] = self._micro.get(k, 0) + v.detach().float()
         self._micro_n += 1
@@ -126,9 +124,12 @@ class RunLog:
             self.micro_batch(losses)
         if not self._micro_n:
             raise ValueError("RunLog.train_step: no losses (call micro_batch for each micro-batch, or pass losses)")
-        for k, v in self._micro.items():
-            self._sums[k] = self._sums.get(k, 0) + v / self._micro_n
-        self._micro, self._micro_n, self._last_step = {}, 0, step
+        means = {k: v / self._micro_n for k, v in self._micro.items()}
+        self._micro, self._micro_n = {}, 0
+        if self.check_losses:  # one host sync per step; a NaN in any micro-batch makes the mean NaN
+            check_finite(means, step)
+        for k, v in means.items():
+            self._sums[k] = self._sums.get(k, 0) + v
         self._n += 1
         self._images += images
         if self.progress is not None:

@@ -76,5 +76,6 @@ def test_logged_loss_is_the_mean_over_the_micro_batches_of_a_step(tmp_path):
     log.close()
     rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [3.0, 5.0]
+    log.micro_batch({"loss": torch.tensor(float("nan"))})  # a NaN in one micro-batch of step 3
     with pytest.raises(NonFiniteLossError, match="step 3: loss = nan"):
-        log.micro_batch({"loss": torch.tensor(float("nan"))})
+        log.train_step(3, {"loss": torch.tensor(1.0)}, lr=1e-3, images=12)
