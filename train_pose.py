@@ -320,11 +320,14 @@ def main(argv: list[str] | None = None) -> dict:
         log.close()
         return result
 
-    train_ds = CocoPoseDataset(d, "train", train=True, seed=cfg.seed, image_ids=train_ids)
+    train_ds = CocoPoseDataset(d, "train", train=True, seed=cfg.seed, image_ids=train_ids,
+                               exclude_ids={im["id"] for im in val_ds.coco["images"]})  # for data.extra_train
+    source = str(train_ds.ann_file) + (f" + data.extra_train {list(map(str, d.extra_train))} ({train_ds.excluded} "
+                                       "persons on val or repeated images left out)" if d.extra_train else "")
 
     # ---- trivial baseline through the same eval path: the mean training pose placed in each box
     if cfg.baseline:
-        log.info(f"data: {len(train_ds)} train persons (gt boxes) from {train_ds.ann_file} / {len(val_ds)} val "
+        log.info(f"data: {len(train_ds)} train persons (gt boxes) from {source} / {len(val_ds)} val "
                  f"boxes from {where}")
         mean = mean_pose(train_ds.items, d.image_size[0] / d.image_size[1], d.bbox_padding)  # (J, 2)
         result = evaluate([], accelerator.prepare_data_loader(val_loader), cfg, accelerator, val_ds,
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_units(cfg, steps_per_epoch)  # train.unit=epoch: epoch counts -> optimizer steps
     log = RunLog(accelerator, run_dir, cfg.train.total_steps, log_interval=cfg.train.log_interval,
                  check_losses=cfg.train.check_finite)
-    log.info(f"data: {len(train_ds)} train persons (gt boxes) from {train_ds.ann_file} / {len(val_ds)} val boxes "
+    log.info(f"data: {len(train_ds)} train persons (gt boxes) from {source} / {len(val_ds)} val boxes "
              f"from {where}; {steps_per_epoch} steps/epoch, {cfg.train.total_steps} steps")
 
     # ---- model and losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,27 @@ def test_bad_input_names_the_file(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(DataError, match="ann.json.*annotations"):
         CocoPoseDataset(PoseDataConfig(root=str(tmp_path), train_ann="ann.json"), "train", train=True)
+
+
+def test_extra_train_adds_persons_but_not_val_or_repeated_images(tmp_path):
+    coco = json.load(open(f"{SAMPLE}/test_coco.json"))
+    for im in coco["images"][1:]:  # the first image keeps its id: already in the training set
+        im["id"] += 10 ** 6
+    for a in coco["annotations"]:
+        a["image_id"] += 10 ** 6 if a["image_id"] != coco["images"][0]["id"] else 0
+    (tmp_path / "test_coco.json").write_text(json.dumps(coco))
+    (tmp_path / "images").symlink_to(Path(SAMPLE).resolve() / "images")
+    base = CocoPoseDataset(no_aug(), "train", train=True)
+    per_image = {}
+    for it in base.items:
+        per_image[it["image_id"]] = per_image.get(it["image_id"], 0) + 1
+    val_id = coco["images"][1]["id"]  # an extra image that is also a validation image
+    ds = CocoPoseDataset(no_aug(extra_train=[str(tmp_path)]), "train", train=True, exclude_ids={val_id})
+    first = coco["images"][0]["id"]
+    assert ds.excluded == per_image[first] + per_image[val_id - 10 ** 6]
+    assert len(ds) == 2 * len(base) - ds.excluded
+    extra = ds.items[len(base):]
+    assert {it["image_id"] for it in extra} == {im["id"] for im in coco["images"][2:]}
+    i = len(base)  # an extra person loads its image from the extra folder and equals the same person in base
+    j = next(k for k, it in enumerate(base.items) if it["image_id"] == extra[0]["image_id"] - 10 ** 6)
+    assert torch.equal(ds[i]["image"], base[j]["image"]) and torch.equal(ds[i]["target"], base[j]["target"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +65,9 @@ class PoseDataConfig:
     rot_prob: Frac = 0.6
     folds: NonNegInt = 0  # k >= 2: k-fold over the training IMAGES (sweep.py --folds); validate on fold `fold` of train_ann
     fold: NonNegInt = 0  # the held-out fold (0 <= fold < folds); the split is fixed (seed 0), the same for every run seed
+    # more COCO folders to train on, each read with train_ann / train_images (e.g. [../shared/data/coco_tiny]);
+    # their images that are also in the validation annotations are left out (the log says how many)
+    extra_train: list[PathStr] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -220,12 +223,13 @@ def mean_pose(items: list[dict], aspect: float, padding: float = 1.25) -> np.nda
 
 # ----------------------------------------------------------------------------- dataset
 class CocoPoseDataset(torch.utils.data.Dataset):
-    """One sample per person box; `image_ids` restricts it (and `self.coco`, used for COCO AP) to those images."""
+    """One sample per person box; `image_ids` restricts it (and `self.coco`, used for COCO AP) to those images.
+    Training adds the persons of `cfg.extra_train` whose image is not in `exclude_ids` (the val images)."""
 
     accepts_epoch_keys = True  # lib.data.common.make_loader hands (index, epoch) keys
 
     def __init__(self, cfg: PoseDataConfig, split: str, train: bool, seed: int = 0,
-                 image_ids: set[int] | None = None):
+                 image_ids: set[int] | None = None, exclude_ids: set[int] = frozenset()):
         root = Path(cfg.root)
         ann, img_dir = (cfg.train_ann, cfg.train_images) if split == "train" else (cfg.val_ann, cfg.val_images)
         self.ann_file, self.img_dir = root / ann, require_dir(root / img_dir, "image")
@@ -237,6 +241,15 @@ class CocoPoseDataset(torch.utils.data.Dataset):
         else:
             det_path = root / cfg.det_file
             self.items = detection_instances(load_coco_json(det_path), self.coco, det_path, cfg.det_bbox_thr)
+        self.excluded = 0  # persons of cfg.extra_train left out: image in exclude_ids or already in the set
+        for extra in cfg.extra_train if split == "train" else ():
+            ann_file, img_dir = Path(extra) / cfg.train_ann, require_dir(Path(extra) / cfg.train_images, "image")
+            coco = load_coco_json(ann_file)
+            items = person_instances(coco, ann_file)
+            skip = set(exclude_ids) | {it["image_id"] for it in self.items}
+            kept = [{**it, "file": str(img_dir / it["file"])} for it in items if it["image_id"] not in skip]
+            self.items += kept
+            self.excluded += len(items) - len(kept)
         if not self.items:
             raise DataError(f"{self.ann_file}: no person with keypoints")
         self.cfg, self.train, self.seed = cfg, train, seed
