@@ -25,6 +25,29 @@ def test_ground_truth_fed_back_scores_ap_1():
     assert evaluate_coco(ds.coco, bad, np.ones(kpts.shape[:2]), np.ones(len(ids)), area, ids)["AP"] < 0.5
 
 
+def test_mean_best_oks_equals_hand_computation():
+    """"OKS": per labelled gt person the best OKS of a prediction in its image, averaged; here each
+    prediction is its own gt shifted by d px, so OKS = mean over labelled joints of exp(-d^2 / (2 s^2 k^2))."""
+    from lib.data.coco import COCO_SIGMAS
+
+    ds = CocoPoseDataset(PoseDataConfig(root=SAMPLE), "val", train=False)
+    kpts = np.stack([it["joints"] for it in ds.items])
+    ids = np.array([it["image_id"] for it in ds.items])
+    area = np.array([it["box"][2] * it["box"][3] for it in ds.items])
+    assert evaluate_coco(ds.coco, kpts, np.ones(kpts.shape[:2]), np.ones(len(ids)), area, ids)["OKS"] == 1.0
+    d = np.array([3.0, 4.0])  # 5 px
+    m = evaluate_coco(ds.coco, kpts + d, np.ones(kpts.shape[:2]), np.ones(len(ids)), area, ids, use_nms=False)
+    want = []
+    for it in ds.items:  # the coco area of the annotation, not the crop box
+        a = next(a for a in ds.coco["annotations"] if a["image_id"] == it["image_id"]
+                 and np.allclose(np.array(a["keypoints"]).reshape(-1, 3)[:, :2], it["joints"]))
+        v = np.array(a["keypoints"]).reshape(-1, 3)[:, 2] > 0
+        want.append(np.exp(-25.0 / (2 * a["area"] * (2 * COCO_SIGMAS) ** 2))[v].mean())
+    assert len(want) >= 2 and 0.2 < np.mean(want) < 0.99
+    assert m["OKS"] == pytest.approx(np.mean(want), rel=1e-9)  # other persons in the image are further away
+    assert m["AP"] < 1.0
+
+
 def test_ground_truth_through_crop_heatmap_decode_path_scores_ap_1():
     """gt -> affine crop -> target heatmaps -> DARK decode -> image coords -> COCOeval."""
     ds = CocoPoseDataset(PoseDataConfig(root=SAMPLE), "val", train=False)

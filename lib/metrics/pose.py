@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from lib.data.coco import COCO_SIGMAS
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+# + "OKS": mean over the labelled ground-truth persons of the best OKS of any prediction in the same image
+# (COCOeval's own OKS; 0 for a person without predictions). Not a COCO metric: a continuous number that
+# still moves while AP (a threshold count from OKS 0.5 up) is 0, e.g. in short CPU runs.
 
 
 # ----------------------------------------------------------------------------- heatmaps
@@ -140,7 +143,7 @@ def coco_eval(gt: dict, results: list[dict]) -> dict[str, float]:
     from pycocotools.cocoeval import COCOeval
 
     if not results:
-        return {k: 0.0 for k in METRIC_NAMES}
+        return {k: 0.0 for k in METRIC_NAMES + ["OKS"]}
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = copy.deepcopy(gt)
@@ -151,7 +154,15 @@ def coco_eval(gt: dict, results: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats)}
+    out = {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats)}
+    best = []  # per labelled (not ignored) gt person: its best OKS over the image's predictions
+    for (img, cat), gts in ev._gts.items():
+        ious = ev.ious.get((img, cat), [])  # (D, G), G in the order of ev._gts
+        for g, gt in enumerate(gts):
+            if not gt["ignore"]:
+                best.append(float(np.max(ious[:, g])) if len(ious) else 0.0)
+    out["OKS"] = float(np.mean(best)) if best else 0.0
+    return out
 
 
 def evaluate_coco(gt: dict, kpts: np.ndarray, maxval: np.ndarray, box_score: np.ndarray, area: np.ndarray,
