@@ -80,7 +80,7 @@ class HandecConfig:
     ief_iters: PosInt = 1  # 1 = direct regression; > 1 = iterative error feedback
     pose_repr: Literal["6d", "aa"] = "6d"
     dropout: Prob = 0.1  # reached after the warm-up (progressive dropout)
-    dropout_warmup_step: NonNegInt = 10000  # p = 0 before this optimizer step
+    dropout_warmup_step: NonNegInt = 10000  # p = 0 before this optimizer step (epoch, train.unit=epoch)
     dropout_ramp: Literal["step", "linear"] = "step"  # jump to p, or rise linearly during the warm-up
 
 
@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    **loader_kw)
         train_loader = accelerator.prepare_data_loader(train_loader)  # sharded: its length is per process
         steps_per_epoch = math.ceil(len(train_loader) / accum)
-        cfg = resolve_units(cfg, steps_per_epoch)  # train.unit=epoch: epoch counts -> optimizer steps
+        # train.unit=epoch: epoch counts (and the dropout warm-up) -> optimizer steps
+        cfg = resolve_units(cfg, steps_per_epoch, extra=("model.handec.dropout_warmup_step",))
     log = RunLog(accelerator, run_dir, 0 if cfg.eval_only else cfg.train.total_steps,
                  log_interval=cfg.train.log_interval, check_losses=cfg.train.check_finite)
     if not members:

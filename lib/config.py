@@ -40,8 +40,9 @@ config.yaml two levels up), with the run-action keys (output_dir, resume, load_f
 eval_only, predict, export, baseline, overwrite) back at their defaults before the overrides.
 
 Units. `train.unit=epoch` makes train.total_steps / eval_interval / ckpt_interval and
-sched.warmup_steps / step_size / milestones / t_max / restart_period count epochs;
-`resolve_units(cfg, steps_per_epoch)` turns them into optimizer steps once the loader is built.
+sched.warmup_steps / step_size / milestones / t_max / restart_period (and a script's own schedule
+keys, e.g. hand's model.handec.dropout_warmup_step) count epochs; `resolve_units(cfg, steps_per_epoch,
+extra)` turns them into optimizer steps once the loader is built. ema.start_step is always steps.
 """
 
 from __future__ import annotations
@@ -560,18 +561,19 @@ EPOCH_KEYS = ("train.total_steps", "train.eval_interval", "train.ckpt_interval",
               "sched.step_size", "sched.milestones", "sched.t_max", "sched.restart_period")
 
 
-def resolve_units(cfg, steps_per_epoch: int):
-    """A copy of `cfg` whose EPOCH_KEYS count optimizer steps: when train.unit == "epoch" each is
-    multiplied by `steps_per_epoch` and unit becomes "step" (so a second call changes nothing)."""
+def resolve_units(cfg, steps_per_epoch: int, extra: tuple[str, ...] = ()):
+    """A copy of `cfg` whose EPOCH_KEYS (+ a script's own step counts `extra`, dotted, any depth) count
+    optimizer steps: when train.unit == "epoch" each is multiplied by `steps_per_epoch` and unit becomes
+    "step" (so a second call changes nothing)."""
     out = copy.deepcopy(cfg)
     if out.train.unit != "epoch":
         return out
     if steps_per_epoch < 1:
         raise ConfigError(f"train.unit=epoch: an epoch has {steps_per_epoch} optimizer steps (the train set is "
                           "smaller than one batch)")
-    for dotted in EPOCH_KEYS:
-        section, name = dotted.split(".")
-        obj = getattr(out, section)
+    for dotted in EPOCH_KEYS + tuple(extra):
+        *path, name = dotted.split(".")
+        obj = functools.reduce(getattr, path, out)
         v = getattr(obj, name)
         setattr(obj, name, [x * steps_per_epoch for x in v] if isinstance(v, list) else v * steps_per_epoch)
     out.train.unit = "step"

@@ -20,6 +20,15 @@ def test_epochs_become_steps():
     assert resolve_units(out, 25) == out  # idempotent: already steps
 
 
+def test_extra_script_keys_at_any_depth():
+    from train_hand import HandConfig
+
+    cfg = build_config(HandConfig, {}, ["train.unit=epoch", "model.handec.dropout_warmup_step=3", "sched.warmup_steps=2"])
+    out = resolve_units(cfg, 7, extra=("model.handec.dropout_warmup_step",))
+    assert (out.model.handec.dropout_warmup_step, out.sched.warmup_steps) == (21, 14)
+    assert resolve_units(cfg, 7).model.handec.dropout_warmup_step == 3  # not listed: unchanged
+
+
 def test_step_unit_is_unchanged_copy():
     cfg = build_config(RunConfig, {}, ["sched.t_max=30", "train.total_steps=40"])
     out = resolve_units(cfg, 100)
