@@ -307,3 +307,33 @@ def test_predict_writes_coco_results_and_export_matches_onnxruntime(tmp_path):
                                  "tracker=none"])
     assert (tmp_path / "ex" / "export" / "model.onnx").is_file() and ex["onnx_max_abs_diff"] < 1e-4
     assert not (tmp_path / "ex" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_equals_one(tmp_path):
+    """predict= on 2 processes (torchrun, gloo): each predicts every other image; the main process writes
+    the same keypoints.json as one process (same images, boxes and joints)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    train_pose.main(TINY + [f"output_dir={out}", "train.total_steps=1", "train.eval_interval=1", "tracker=none"])
+    cmd = ["train_pose.py", *TINY, f"load_from={out / 'checkpoints' / 'best'}", "predict=tests/data/pose/images",
+           "tracker=none"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cmd,
+                          f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    train_pose.main(cmd[1:] + [f"output_dir={tmp_path / 'one'}"])
+    a, b = (json.loads((tmp_path / r / "predict" / "keypoints.json").read_text()) for r in ("one", "two"))
+    n = len(list(__import__("pathlib").Path("tests/data/pose/images").glob("*.jpg")))
+    assert len(a) == n >= 3 and sorted(p["file_name"] for p in a) == sorted(p["file_name"] for p in b)
+    key = {p["file_name"]: p for p in b}
+    for p in a:
+        q = key[p["file_name"]]
+        assert q["bbox"] == p["bbox"]
+        np.testing.assert_allclose(q["keypoints"], p["keypoints"], atol=1e-3)
+    assert len(list((tmp_path / "two" / "predict").glob("*.jpg"))) == n
