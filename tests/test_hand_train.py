@@ -275,3 +275,32 @@ def test_epoch_units_count_epochs(tmp_path, no_plots):
     assert cfg.sched.warmup_steps == 6 and cfg.train.total_steps == 9
     want = [cfg.optim.lr * schedule_factor(i, 9, cfg.sched) for i in range(9)]  # lr of the head group at step i + 1
     assert [r["lr"] for r in train] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_equals_one(tmp_path):
+    """predict= on 2 processes (torchrun, gloo): each takes half of the images; joints.json equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from lib.config import build_config, load_yaml
+    from train_hand import HandConfig, build_model, main
+
+    cfg = build_config(HandConfig, load_yaml(ROOT / "configs" / "hand" / "sample.yaml"), _common()[2:])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.set_init(joints=torch.randn(21, 3) * 0.03, cam=torch.tensor([3.0, 0.05, -0.02]))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cmd = ["train_hand.py", *_common(), f"load_from={tmp_path / 'model.safetensors'}",
+           f"predict={SAMPLE / 'evaluation' / 'rgb'}"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cmd,
+                          f"output_dir={tmp_path / 'two'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    main(cmd[1:] + [f"output_dir={tmp_path / 'one'}"])
+    a, b = (json.loads((tmp_path / r / "predict" / "joints.json").read_text()) for r in ("one", "two"))
+    assert len(a) == 4 and [p["image"] for p in a] == [p["image"] for p in b]
+    for p, q in zip(a, b):
+        assert np.allclose(p["joints3d"], q["joints3d"], atol=1e-5) and np.allclose(p["joints2d"], q["joints2d"], atol=0.02)
+    assert len(list((tmp_path / "two" / "predict").glob("*.png"))) == 4
