@@ -43,8 +43,9 @@ def collate(items: list[dict]) -> dict:
 
 
 def warp_batch(image: torch.Tensor, affine: torch.Tensor, image_hw: torch.Tensor, out_size) -> torch.Tensor:
-    """(B, 3, H, W) uint8 (padded), (B, 2, 3) crop pixel -> source pixel, (B, 2) each image's (h, w),
-    out_size (w, h) -> (B, 3, h, w) float64 holding uint8 values: `warp_image` on every sample."""
+    """(B, 3, H, W) uint8 (padded; or float holding uint8 values), (B, 2, 3) crop pixel -> source pixel,
+    (B, 2) each image's (h, w), out_size (w, h) -> (B, 3, h, w) float64 holding uint8 values:
+    `warp_image` on every sample."""
     b, _, hin, win = image.shape
     ow, oh = out_size
     dev = image.device
