@@ -102,7 +102,8 @@ def main():
     p.add_argument("--backbone", default="vit_large_patch14_dinov2")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--data-config", default="", help="hand yaml whose train split times the data paths (default: sample)")
+    p.add_argument("--data-config", default="", help="hand yaml whose train split times the data paths "
+                   "(default: the bundled sample)")
     p.add_argument("--data-img-size", type=int, default=0, help="crop size of the data paths (0: the config's, "
                    "else --size)")
     p.add_argument("--data-only", action="store_true", help="only the data pipeline (no model steps)")

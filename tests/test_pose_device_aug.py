@@ -75,8 +75,9 @@ def test_device_path_statistics_agree_with_cpu_path_over_many_samples():
     # same seed = same draws; statistics agree to ~1e-7, while one missing step (no flip on the device
     # path: same rng calls, flip never taken) moves them by far more than the tolerance
     def stats(image):  # per-channel mean, std, mean left-right asymmetry
-        return torch.cat([image.mean((0, 2, 3)), image.std((0, 2, 3)),
-                          (image[..., : image.shape[-1] // 2].mean((0, 2, 3)) - image[..., image.shape[-1] // 2:].mean((0, 2, 3)))])
+        half = image.shape[-1] // 2
+        left, right = image[..., :half].mean((0, 2, 3)), image[..., half:].mean((0, 2, 3))
+        return torch.cat([image.mean((0, 2, 3)), image.std((0, 2, 3)), left - right])
 
     cpu, _ = _paths(seed=1, image_size=(48, 64))
     keys = [(i, e) for e in range(16) for i in range(len(cpu))]  # 192 persons
