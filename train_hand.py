@@ -50,6 +50,7 @@ from lib.checkpoint import (BestCheckpoint, checkpoint_info, eval_members, find_
                             save_checkpoint)
 from lib.config import (NonNegInt, PathStr, PosInt, Range, RunConfig, ScheduleConfig, TrainConfig, parse_config,
                         resolve_units)
+from lib.data import device_aug_hand
 from lib.data.common import make_loader, read_image, to_tensor_normalized
 from lib.data.hand import (HandDataConfig, HandDataset, crop_affine, label_stats, make_source, mean_pose,
                            split_indices)
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{d.root} ({d.val_split})"
     val_ds = HandDataset(val_src, d, train=False, indices=val_idx)
     loader_kw = dict(num_workers=cfg.train.num_workers, pin_memory=accelerator.device.type == "cuda")
+    on_device = d.aug_device == "device"  # train workers decode + draw + labels, the crop runs on the device
     # datasets take (index, epoch) keys from lib.data.common.EpochSampler (make_loader)
     val_loader = make_loader(val_ds, cfg.train.batch_size, shuffle=False, **loader_kw)
     val_loader = accelerator.prepare_data_loader(val_loader)
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"train set has {len(train_ds)} images, fewer than one global batch "
                             f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
         train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                                   **loader_kw)
+                                   collate_fn=device_aug_hand.collate if on_device else None, **loader_kw)
         train_loader = accelerator.prepare_data_loader(train_loader)  # sharded: its length is per process
         steps_per_epoch = math.ceil(len(train_loader) / accum)
         # train.unit=epoch: epoch counts (and the dropout warm-up) -> optimizer steps
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
         for batch in loader:
+            if on_device:
+                batch = device_aug_hand.hand_train_batch(batch, d.img_size)
             p_drop = dropout_at(step, h.dropout, h.dropout_warmup_step, h.dropout_ramp)  # progressive dropout
             accelerator.unwrap_model(model).set_dropout(p_drop)
             with accelerator.accumulate(model):

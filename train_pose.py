@@ -45,6 +45,7 @@ from lib.checkpoint import (BestCheckpoint, checkpoint_info, eval_members, find_
                             save_checkpoint)
 from lib.config import (Frac, NonNegFloat, NonNegInt, PathStr, PosInt, Range, RunConfig, TrainConfig, parse_config,
                         resolve_units)
+from lib.data import device_aug_pose
 from lib.data.coco import (COCO_FLIP_PAIRS, COCO_KEYPOINTS, CocoPoseDataset, PoseDataConfig, affine_matrix,
                            box_to_center_scale, draw_poses, fold_image_ids, load_coco_json, mean_pose, warp_image)
 from lib.data.common import make_loader, read_image, to_tensor_normalized
@@ -339,7 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train_ds) < cfg.train.batch_size * accelerator.num_processes:
         raise UserError(f"train set has {len(train_ds)} persons, fewer than one global batch "
                         f"({cfg.train.batch_size} x {accelerator.num_processes} processes)")
-    train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True, **loader_kw)
+    on_device = d.aug_device == "device"  # workers decode + draw + build targets, the affine crop runs on the device
+    train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                               collate_fn=device_aug_pose.collate if on_device else None, **loader_kw)
     accum = accelerator.gradient_accumulation_steps
     global_batch = cfg.train.batch_size * accelerator.num_processes * accum
     # optimizer steps per epoch, as len(prepared train_loader) / grad_accum (accelerate shards the batches)
@@ -399,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         skip = 0
         for batch in loader:
+            if on_device:
+                batch = device_aug_pose.pose_train_batch(batch, d.image_size)
             img, target, weight = batch["image"], batch["target"], batch["target_weight"]  # (B,3,H,W) (B,J,h,w) (B,J)
             if cfg.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)

@@ -3,10 +3,13 @@
     python bench/hand_throughput.py                        # GPU: DINOv2-L/14 at 224, batch 32, bf16, fused AdamW
     python bench/hand_throughput.py --backbone vit_small_patch14_dinov2 --compile
     python bench/hand_throughput.py --device cpu --tiny    # flow check (tests run this)
+    python bench/hand_throughput.py --data-only --data-config configs/hand/hand3d_vits.yaml  # data paths only
 The models are timed interleaved (bench.common.compare, --rounds x --iters). Prints JSON: per
 model img/s (median over rounds, min, max), step ms, peak memory, TFLOP/s and MFU (bf16 peak of
 known GPUs), the ratio ours / reference as median and min-max over rounds, and the data
-pipeline's img/s for one worker on the bundled sample.
+pipeline's img/s for one worker (--data-config, default the bundled sample): the CPU path (PIL crop +
+colour) and the device path's worker half (data.aug_device=device: decode + draw + labels), interleaved,
+plus the device path's batched crop (lib.data.device_aug_hand) on --device.
 The reference is the same timm backbone with a linear layer on the class token regressing the
 21 x 3 joints: the difference is the cost of the handec decoder.
 """
@@ -53,12 +56,45 @@ def make_step(model, x, is_right, target, precision: str, device):
     return step
 
 
-def data_pipeline_ips(n: int = 8, img_size: int = 224) -> float:
-    from lib.data.hand import FolderSource, HandDataConfig, HandDataset
+def data_pipeline_ips(data_config: str, img_size: int, n: int, device: torch.device, batch: int,
+                      rounds: int) -> tuple[dict, dict]:
+    """img/s per loader worker of the train split (`data_config`: a hand yaml, "" = the bundled sample;
+    crops of `img_size`, 0 = the config's): CPU path and device path's worker half timed interleaved
+    (`rounds` x `n` samples), and img/s of the device path's batched half (device_aug_hand.hand_train_batch)
+    on `device` -> (medians, with min / max / ratio)."""
+    import dataclasses
 
-    root = Path(__file__).resolve().parents[1] / "tests" / "data" / "hand"
-    cfg = HandDataConfig(root=str(root), img_size=img_size)
-    return dataset_ips(HandDataset(FolderSource(root, "training"), cfg, train=True), n)
+    from lib.config import build_config, load_yaml
+    from lib.data import device_aug_hand
+    from lib.data.hand import HandDataConfig, HandDataset, make_source
+
+    if data_config:
+        from train_hand import HandConfig
+
+        cfg = build_config(HandConfig, load_yaml(Path(data_config))).data
+    else:
+        cfg = HandDataConfig(root=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "hand"))
+    cfg = dataclasses.replace(cfg, img_size=img_size or cfg.img_size)
+    src = make_source(cfg, cfg.train_split)
+    paths = {m: HandDataset(src, dataclasses.replace(cfg, aug_device=m), train=True) for m in ("cpu", "device")}
+
+    def sampler(ds):
+        keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))  # the same key sequence for both paths
+        return lambda: ds[next(keys)]
+
+    names = {"cpu_path": "cpu", "device_path_worker": "device"}
+    res = compare({k: sampler(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
+    keep = ("img_per_s", "img_per_s_min", "img_per_s_max")
+    detail = {k: {x: res[k][x] for x in keep} for k in names}
+    detail["device_path_worker_vs_cpu_path"] = ratio(res, "device_path_worker", "cpu_path")
+    dev = paths["device"]
+    items = device_aug_hand.collate([dev[(i % len(dev), i // len(dev))] for i in range(batch)])
+    items = {k: v.to(device) for k, v in items.items()}
+    res = compare({"crop": lambda: device_aug_hand.hand_train_batch(items, cfg.img_size)}, batch, device,
+                  rounds=rounds, warmup=1, iters=2)
+    detail[f"device_aug_on_{device.type}"] = {"batch": batch, **{x: res["crop"][x] for x in keep}}
+    detail["train_set"] = f"{cfg.root} ({cfg.format}, {len(dev)} images, {cfg.img_size}x{cfg.img_size} crops)"
+    return {k: v["img_per_s"] for k, v in detail.items() if isinstance(v, dict) and "img_per_s" in v}, detail
 
 
 def main():
@@ -66,8 +102,25 @@ def main():
     p.add_argument("--backbone", default="vit_large_patch14_dinov2")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--data-config", default="", help="hand yaml whose train split times the data paths "
+                   "(default: the bundled sample)")
+    p.add_argument("--data-img-size", type=int, default=0, help="crop size of the data paths (0: the config's, "
+                   "else --size)")
+    p.add_argument("--data-only", action="store_true", help="only the data pipeline (no model steps)")
+    p.add_argument("--data-samples", type=int, default=32, help="samples per path per round")
+    p.add_argument("--data-batch", type=int, default=32, help="batch of the device path's crop")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.tiny:
+        args.data_samples, args.data_batch = 2, 2
+    data_size = args.data_img_size or (0 if args.data_config else (28 if args.tiny else args.size))
+    data = lambda: data_pipeline_ips(args.data_config, data_size, args.data_samples, device,  # noqa: E731
+                                     args.data_batch, 3 if args.tiny else max(args.rounds, 5))
+    if args.data_only:
+        medians, detail = data()
+        print_json({"bench": "hand_data", **environment(device), "data_pipeline_img_per_s_per_worker": medians,
+                    "data_pipeline": detail})
+        return
     overrides, head = {}, {}
     if args.tiny:
         args.size, args.iters, args.warmup, args.rounds = 28, 2, 1, 3
@@ -102,8 +155,9 @@ def main():
     row["ours_vs_timm_linear"] = ratio(row, "ours", "timm_linear")
     if args.compile:
         row["ours_compiled_vs_timm_linear_compiled"] = ratio(row, "ours_compiled", "timm_linear_compiled")
+    medians, detail = data()
     print_json({"bench": "hand_train_step", **environment(device), "results": [row],
-                "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 16, args.size)})
+                "data_pipeline_img_per_s_per_worker": medians, "data_pipeline": detail})
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
     python bench/pose_throughput.py                       # GPU: batch 64 (SDPose's per-GPU batch), bf16
     python bench/pose_throughput.py --preset t --compile
     python bench/pose_throughput.py --device cpu --tiny   # flow check (tests run this)
+    python bench/pose_throughput.py --data-only --data-config configs/pose/coco_mini.yaml  # data paths only
 Prints JSON: img/s, step ms, peak memory, TFLOP/s for
   ours             the model as trained (attention through F.scaled_dot_product_attention),
   ours_importance  + importance masking (explicit keypoint-query attention weights of each cycle's last layer),
   reference        the same weights with SDPose's attention math (einsum -> softmax -> einsum, as in
                    SDPose's tokenbase.py); no TokenPose/SDPose implementation is installable here,
-and the data pipeline's img/s for one worker (decode + augment + targets) on the bundled sample.
+and the data pipeline's img/s for one worker (decode + augment + targets; --data-config, default the
+bundled sample): the CPU path (PIL affine crop) and the device path's worker half (data.aug_device=device:
+decode + draw + targets), interleaved, plus the device path's batched crop (lib.data.device_aug_pose) on --device.
 All are timed interleaved (bench.common.compare, --rounds x --iters); ratios are medians over
 rounds with min-max.
 """
@@ -58,19 +61,63 @@ def make_step(model, x, target, weight, precision: str, device, masking: str = "
     return step
 
 
-def data_pipeline_ips(n: int = 8) -> float:
+def data_pipeline_ips(data_config: str, n: int, device: torch.device, batch: int, rounds: int) -> tuple[dict, dict]:
+    """img/s per loader worker of the train set (`data_config`: a pose yaml, "" = the bundled sample):
+    CPU path and device path's worker half timed interleaved (`rounds` x `n` samples), and img/s of
+    the device path's batched half (device_aug_pose.pose_train_batch) on `device` -> (medians, with
+    min / max / ratio)."""
+    import dataclasses
+
+    from lib.config import build_config, load_yaml
+    from lib.data import device_aug_pose
     from lib.data.coco import CocoPoseDataset, PoseDataConfig
 
-    ds = CocoPoseDataset(PoseDataConfig(root=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "pose")),
-                         "train", train=True)
-    return dataset_ips(ds, n)
+    root = Path(__file__).resolve().parents[1]
+    if data_config:
+        from train_pose import PoseConfig
+
+        cfg = build_config(PoseConfig, load_yaml(Path(data_config))).data
+    else:
+        cfg = PoseDataConfig(root=str(root / "tests" / "data" / "pose"))
+    paths = {m: CocoPoseDataset(dataclasses.replace(cfg, aug_device=m), "train", train=True) for m in ("cpu", "device")}
+
+    def sampler(ds):
+        keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))  # the same key sequence for both paths
+        return lambda: ds[next(keys)]
+
+    names = {"cpu_path": "cpu", "device_path_worker": "device"}
+    res = compare({k: sampler(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
+    keep = ("img_per_s", "img_per_s_min", "img_per_s_max")
+    detail = {k: {x: res[k][x] for x in keep} for k in names}
+    detail["device_path_worker_vs_cpu_path"] = ratio(res, "device_path_worker", "cpu_path")
+    dev = paths["device"]
+    items = device_aug_pose.collate([dev[(i % len(dev), i // len(dev))] for i in range(batch)])
+    items = {k: v.to(device) for k, v in items.items()}
+    res = compare({"crop": lambda: device_aug_pose.pose_train_batch(items, cfg.image_size)}, batch, device,
+                  rounds=rounds, warmup=1, iters=2)
+    detail[f"device_aug_on_{device.type}"] = {"batch": batch, **{x: res["crop"][x] for x in keep}}
+    detail["train_set"] = f"{cfg.root} ({len(dev)} persons, {cfg.image_size[1]}x{cfg.image_size[0]} crops)"
+    return {k: v["img_per_s"] for k, v in detail.items() if isinstance(v, dict) and "img_per_s" in v}, detail
 
 
 def main():
     p = base_parser(__doc__)
     p.add_argument("--preset", default="s-v1", choices=["t", "s-v1", "s-v2"])
+    p.add_argument("--data-config", default="", help="pose yaml whose train set times the data paths (default: sample)")
+    p.add_argument("--data-only", action="store_true", help="only the data pipeline (no model steps)")
+    p.add_argument("--data-samples", type=int, default=32, help="samples per path per round")
+    p.add_argument("--data-batch", type=int, default=32, help="batch of the device path's crop")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.tiny:
+        args.data_samples, args.data_batch = 2, 2
+    data = lambda: data_pipeline_ips(args.data_config, args.data_samples, device, args.data_batch,  # noqa: E731
+                                     3 if args.tiny else max(args.rounds, 5))
+    if args.data_only:
+        medians, detail = data()
+        print_json({"bench": "pose_data", **environment(device), "data_pipeline_img_per_s_per_worker": medians,
+                    "data_pipeline": detail})
+        return
     size, extra = (192, 256), {}
     if args.tiny:
         size, extra, args.iters, args.warmup, args.rounds = (48, 64), dict(depth=1, dim=32, heads=2), 2, 1, 3
@@ -99,8 +146,9 @@ def main():
     row["ours_vs_reference"] = ratio(row, "ours", "reference")
     if args.compile:
         row["ours_compiled_vs_reference_compiled"] = ratio(row, "ours_compiled", "reference_compiled")
+    medians, detail = data()
     print_json({"bench": "pose_train_step", **environment(device), "results": [row],
-                "data_pipeline_img_per_s_per_worker": data_pipeline_ips(2 if args.tiny else 16)})
+                "data_pipeline_img_per_s_per_worker": medians, "data_pipeline": detail})
 
 
 if __name__ == "__main__":

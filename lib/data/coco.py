@@ -7,6 +7,9 @@
     mean = mean_pose(ds.items, aspect=0.75)                    # (J, 2) mean joints in the padded box, [0, 1]
     ds[(index, epoch)] -> {"image": (3, h, w) float, "target": (J, h/4, w/4), "target_weight": (J,),
                            "center": (2,), "scale": (2,), "box_score": (), "image_id": ()}
+    # data.aug_device=device (train): "image" is the decoded (3, H, W) uint8 source and "affine" (2, 3)
+    # maps crop pixels to source pixels; collate with lib.data.device_aug_pose.collate, finish with
+    # device_aug_pose.pose_train_batch on the GPU
 
 Box -> crop: center of the box, width/height enlarged to the input aspect ratio, times
 `bbox_padding` (1.25); `scale` is the crop size in image pixels (mmpose's scale * 200).
@@ -24,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from PIL import Image
 from lib.config import Frac, NonNegFloat, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.data.common import (DataError, kfold_indices, read_image, require_dir, sample_rng, split_key,
                              to_tensor_normalized)
+from lib.errors import UserError
 
 COCO_KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -68,6 +72,9 @@ class PoseDataConfig:
     # more COCO folders to train on, each read with train_ann / train_images (e.g. [../shared/data/coco_tiny]);
     # their images that are also in the validation annotations are left out (the log says how many)
     extra_train: list[PathStr] = field(default_factory=list)
+    # where the train affine crop runs: "cpu" = in the loader workers (PIL); "device" = workers decode,
+    # draw the augmentation and build the targets, lib.data.device_aug_pose.pose_train_batch warps on the GPU
+    aug_device: Literal["cpu", "device"] = "cpu"
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -105,6 +112,16 @@ def warp_image(img: np.ndarray, m: np.ndarray, out_size) -> np.ndarray:
     data = (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1])
     return np.array(Image.fromarray(img).transform(tuple(out_size), Image.Transform.AFFINE, data,
                                                      resample=Image.Resampling.BILINEAR))
+
+
+def crop_to_source(m: np.ndarray, flip_width: int | None = None) -> np.ndarray:
+    """(2, 3) float64 map crop pixel -> source pixel of the image -> crop matrix `m` (what warp_image
+    samples at); with `flip_width` w, `m` is on the image flipped left-right (x -> w - 1 - x) and the
+    result reads the unflipped one."""
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
+    if flip_width is not None:
+        inv = np.array([[-1.0, 0.0, flip_width - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([inv, [0, 0, 1]])
+    return np.ascontiguousarray(inv, dtype=np.float64)
 
 
 def encode_heatmaps(joints: np.ndarray, visible: np.ndarray, size, sigma: float = 2.0,
@@ -252,7 +269,10 @@ class CocoPoseDataset(torch.utils.data.Dataset):
             self.excluded += len(items) - len(kept)
         if not self.items:
             raise DataError(f"{self.ann_file}: no person with keypoints")
+        if cfg.aug_device not in ("cpu", "device"):
+            raise UserError(f"data.aug_device must be cpu or device, got {cfg.aug_device!r}")
         self.cfg, self.train, self.seed = cfg, train, seed
+        self.on_device = train and cfg.aug_device == "device"  # batch goes through device_aug_pose.pose_train_batch
         self.flip_index = np.arange(len(COCO_KEYPOINTS))
         for a, b in COCO_FLIP_PAIRS:
             self.flip_index[a], self.flip_index[b] = b, a
@@ -266,26 +286,36 @@ class CocoPoseDataset(torch.utils.data.Dataset):
         img = read_image(self.img_dir / it["file"])
         joints, vis = it["joints"].copy(), it["visible"].copy()
         center, scale = box_to_center_scale(it["box"], cfg.image_size[0] / cfg.image_size[1], cfg.bbox_padding)
-        rot = 0.0
+        rot, flip = 0.0, False
         if self.train:
-            img, joints, vis, center, scale, rot = self.augment(img, joints, vis, center, scale,
-                                                                sample_rng(self.seed, i, epoch))
-        m = affine_matrix(center, scale, rot, cfg.image_size)
-        crop = warp_image(img, m, cfg.image_size)
+            flip, joints, vis, center, scale, rot = self.draw(img.shape[1], joints, vis, center, scale,
+                                                              sample_rng(self.seed, i, epoch))
+        m = affine_matrix(center, scale, rot, cfg.image_size)  # (2, 3) image (flipped if `flip`) -> crop
         hm_size = (cfg.image_size[0] // 4, cfg.image_size[1] // 4)
         target, weight = encode_heatmaps(affine_points(joints, m) / 4.0, vis, hm_size, cfg.sigma, cfg.unbiased_encoding)
-        return {"image": to_tensor_normalized(crop), "target": torch.from_numpy(target),
-                "target_weight": torch.from_numpy(weight), "center": torch.from_numpy(center),
-                "scale": torch.from_numpy(scale.astype(np.float32)), "box_score": torch.tensor(it["score"]),
-                "image_id": torch.tensor(it["image_id"])}
+        out = {"target": torch.from_numpy(target), "target_weight": torch.from_numpy(weight),
+               "center": torch.from_numpy(center), "scale": torch.from_numpy(scale.astype(np.float32)),
+               "box_score": torch.tensor(it["score"]), "image_id": torch.tensor(it["image_id"])}
+        if self.on_device:  # image stays uint8 at its own size; lib.data.device_aug_pose does the crop
+            return {"image": torch.from_numpy(img).permute(2, 0, 1), "affine": torch.from_numpy(
+                crop_to_source(m, img.shape[1] if flip else None)), **out}
+        if flip:
+            img = np.ascontiguousarray(img[:, ::-1])
+        return {"image": to_tensor_normalized(warp_image(img, m, cfg.image_size)), **out}
 
     def augment(self, img, joints, vis, center, scale, rng: np.random.Generator):
+        """The CPU train augmentation of one sample: `draw`, with the image flipped when it says so."""
+        flip, joints, vis, center, scale, rot = self.draw(img.shape[1], joints, vis, center, scale, rng)
+        return np.ascontiguousarray(img[:, ::-1] if flip else img), joints, vis, center, scale, rot
+
+    def draw(self, w: int, joints, vis, center, scale, rng: np.random.Generator):
+        """Every random choice of one train sample (image width `w`), in mmpose's order ->
+        (flip, joints, vis, center, scale, rot); joints and center are already in the flipped image."""
         cfg = self.cfg
         if rng.random() < cfg.shift_prob:  # TopDownRandomShiftBboxCenter
             center = center + rng.uniform(-1, 1, 2).astype(np.float32) * cfg.shift_factor * scale
-        if rng.random() < cfg.flip_prob:  # TopDownRandomFlip
-            w = img.shape[1]
-            img = img[:, ::-1]
+        flip = bool(rng.random() < cfg.flip_prob)
+        if flip:  # TopDownRandomFlip
             joints, vis = joints[self.flip_index], vis[self.flip_index]
             joints[:, 0] = w - 1 - joints[:, 0]
             center = np.array([w - 1 - center[0], center[1]], np.float32)
@@ -296,7 +326,7 @@ class CocoPoseDataset(torch.utils.data.Dataset):
         s = np.clip(rng.standard_normal() * cfg.scale_factor + 1, 1 - cfg.scale_factor, 1 + cfg.scale_factor)
         r = float(np.clip(rng.standard_normal() * cfg.rot_factor, -2 * cfg.rot_factor, 2 * cfg.rot_factor))
         rot = r if rng.random() <= cfg.rot_prob else 0.0
-        return np.ascontiguousarray(img), joints, vis, center, scale * s, rot
+        return flip, joints, vis, center, scale * s, rot
 
 
 def half_body(joints: np.ndarray, vis: np.ndarray, rng: np.random.Generator, aspect: float):

@@ -16,6 +16,9 @@ Sources (each gives raw JPEG/PNG bytes + a label dict {"K": 3x3, "xyz": 21x3 met
     ds[(index, epoch)] -> {"image": (3, S, S) float, "joints3d": (21, 3) root-relative metres,
                            "joints2d": (21, 2) crop coordinates in [-0.5, 0.5], "is_right": int64,
                            "has_mano", "mano_pose": (16, 3), "mano_betas": (10,), "index"}
+    # data.aug_device=device (train): "image" is the decoded (3, H, W) uint8 source, "resize" (2,) its
+    # antialias pre-resize (w, h), "affine" (2, 3) crop pixel -> resized-source pixel, "color" (3,);
+    # collate with lib.data.device_aug_hand.collate, finish with device_aug_hand.hand_train_batch on the GPU
 
 Crop: the whole image (`crop: image`) or a square box around the projected joints times `bbox_scale`.
 Training augmentation, a function of (seed, epoch, index) only: box scale, rotation (3D joints and the
@@ -47,7 +50,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lib.config import Frac, NonNegFloat, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.data.common import kfold_indices, require_dir, sample_rng, split_key, to_tensor_normalized
-from lib.errors import DataError
+from lib.errors import DataError, UserError
 
 IMG_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -77,6 +80,9 @@ class HandDataConfig:
     crop: Literal["image", "keypoints"] = "image"
     bbox_scale: PosFloat = 1.5  # keypoints crop: box side = longer side of the joints' 2D box x this
     aug: HandAugConfig = field(default_factory=HandAugConfig)
+    # where the train crop + colour run: "cpu" = in the loader workers (PIL); "device" = workers decode, draw
+    # the augmentation and compute the labels, lib.data.device_aug_hand.hand_train_batch does the image on the GPU
+    aug_device: Literal["cpu", "device"] = "cpu"
 
 
 # ----------------------------------------------------------------------------- sources
@@ -274,25 +280,35 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         raise DataError(f"corrupt or unreadable image {name}: {e}") from None
 
 
-def crop_affine(img: np.ndarray, center: np.ndarray, side: float, deg: float, flip: bool, out: int):
-    """Warp the square box (center, side) rotated by `deg` (and mirrored) to an out x out crop.
-
-    Returns the crop and A (2, 3) mapping source pixels to crop pixels (centres at integers).
-    Large zoom-outs first shrink the image with an antialiased resize.
-    """
+def crop_params(hw: tuple[int, int], center: np.ndarray, side: float, deg: float, flip: bool, out: int):
+    """The geometry of `crop_affine` on an (h, w) image: (size, A, coeffs). size (w, h) of the
+    antialias pre-resize (None = none), A (2, 3) source pixel -> crop pixel (centres at integers),
+    coeffs (2, 3) PIL's AFFINE data: crop -> (resized) source, pixel centres at +0.5."""
+    h, w = hw
     z = out / side
-    pil = Image.fromarray(img)
-    pre = np.ones(2)  # resize factor per axis
+    size, pre = None, np.ones(2)  # resize factor per axis
     if z < 0.5:  # antialias: shrink the whole image first, then warp with a zoom near 1
-        size = (max(round(pil.width * 2 * z), 1), max(round(pil.height * 2 * z), 1))
-        pil = pil.resize(size, Image.BILINEAR, reducing_gap=None)
-        pre = np.array([size[0] / img.shape[1], size[1] / img.shape[0]])
+        size = (max(round(w * 2 * z), 1), max(round(h * 2 * z), 1))
+        pre = np.array([size[0] / w, size[1] / h])
     lin = z * rot_z(deg)[:2, :2] @ np.diag([-1.0 if flip else 1.0, 1.0])  # source offset -> crop offset
     c_out = (out - 1) / 2
     A = np.concatenate([lin, (c_out - lin @ center)[:, None]], 1)  # (2, 3)
     # PIL maps crop -> source in coordinates with pixel centres at +0.5: R = pre * (p + 0.5), Q = q + 0.5
     inv = np.linalg.inv(lin)
     coeffs = np.concatenate([pre[:, None] * inv, (pre * (center + 0.5 - inv @ np.full(2, out / 2)))[:, None]], 1)
+    return size, A, coeffs
+
+
+def crop_affine(img: np.ndarray, center: np.ndarray, side: float, deg: float, flip: bool, out: int):
+    """Warp the square box (center, side) rotated by `deg` (and mirrored) to an out x out crop.
+
+    Returns the crop and A (2, 3) mapping source pixels to crop pixels (centres at integers).
+    Large zoom-outs first shrink the image with an antialiased resize.
+    """
+    size, A, coeffs = crop_params(img.shape[:2], center, side, deg, flip, out)
+    pil = Image.fromarray(img)
+    if size is not None:
+        pil = pil.resize(size, Image.BILINEAR, reducing_gap=None)
     crop = pil.transform((out, out), Image.AFFINE, tuple(coeffs.reshape(-1)), resample=Image.BILINEAR)
     return np.array(crop), A
 
@@ -302,7 +318,10 @@ class HandDataset(torch.utils.data.Dataset):
     accepts_epoch_keys = True  # make_loader's EpochSampler hands (index, epoch) keys
 
     def __init__(self, source, cfg: HandDataConfig, train: bool, seed: int = 0, indices: list[int] | None = None):
+        if cfg.aug_device not in ("cpu", "device"):
+            raise UserError(f"data.aug_device must be cpu or device, got {cfg.aug_device!r}")
         self.source, self.cfg, self.train, self.seed = source, cfg, train, seed
+        self.on_device = train and cfg.aug_device == "device"  # batch goes through device_aug_hand.hand_train_batch
         self.indices = list(range(len(source))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -324,7 +343,8 @@ class HandDataset(torch.utils.data.Dataset):
         return self.item(i, rng)
 
     def item(self, i: int, rng: np.random.Generator | None = None) -> dict:
-        """Sample i, augmented by `rng` (None = validation transform)."""
+        """Sample i, augmented by `rng` (None = validation transform); with `on_device` (and an rng)
+        the image is the uncropped uint8 source plus what device_aug_hand needs to crop it."""
         data, ext, meta = self.source.raw(self.indices[i])
         name = meta.get("name", f"sample {self.indices[i]}")
         img = decode_image(data, name)
@@ -351,9 +371,18 @@ class HandDataset(torch.utils.data.Dataset):
             center = center + a.translate * side * u[2:4]
             flip = bool(rng.random() < a.flip_prob)
             color = rng.uniform(1 - a.color, 1 + a.color, size=3)
-        crop, A = crop_affine(img, center, side, deg, flip, cfg.img_size)
-        if rng is not None and a.color > 0:
-            crop = np.clip(crop * color, 0, 255).astype(np.uint8)
+        if self.on_device and rng is not None:  # image stays uint8 at its own size; device_aug_hand crops it
+            size, A, coeffs = crop_params(img.shape[:2], center, side, deg, flip, cfg.img_size)
+            # PIL's coefficients take and give pixel centres at +0.5: as pixel indices, t -> t + c @ 0.5 - 0.5
+            affine = np.concatenate([coeffs[:, :2], (coeffs[:, 2] + coeffs[:, :2] @ np.full(2, 0.5) - 0.5)[:, None]], 1)
+            image = {"image": torch.from_numpy(img).permute(2, 0, 1), "affine": torch.from_numpy(affine),
+                     "resize": torch.tensor(size if size is not None else (w, h), dtype=torch.int64),
+                     "color": torch.from_numpy(color if a.color > 0 else np.ones(3))}
+        else:
+            crop, A = crop_affine(img, center, side, deg, flip, cfg.img_size)
+            if rng is not None and a.color > 0:
+                crop = np.clip(crop * color, 0, 255).astype(np.uint8)
+            image = {"image": to_tensor_normalized(crop)}
         uv_crop = uv @ A[:, :2].T + A[:, 2]
         rot = rot_z(deg) @ np.diag([-1.0 if flip else 1.0, 1.0, 1.0])
         joints3d = (xyz - xyz[:1]) @ rot.T  # root-relative, rotated / mirrored like the image
@@ -363,7 +392,7 @@ class HandDataset(torch.utils.data.Dataset):
         if "mano" in meta and deg:  # labels are of the right hand in the crop: R for right, R^-1 for left
             pose[0] = _axis_angle_rotate(pose[0], rot_z(deg if is_right else -deg))
         return {
-            "image": to_tensor_normalized(crop),
+            **image,
             "joints3d": torch.tensor(joints3d, dtype=torch.float32),
             "joints2d": torch.tensor((uv_crop + 0.5) / cfg.img_size - 0.5, dtype=torch.float32),
             "is_right": torch.tensor(int(is_right)),
