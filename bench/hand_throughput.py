@@ -23,7 +23,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
+from bench.common import (aug_paths_ips, base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
                           peak_bf16_tflops, print_json, ratio)
 from lib.models.hand import HandRegressor  # noqa: E402
 
@@ -78,21 +78,8 @@ def data_pipeline_ips(data_config: str, img_size: int, n: int, device: torch.dev
     src = make_source(cfg, cfg.train_split)
     paths = {m: HandDataset(src, dataclasses.replace(cfg, aug_device=m), train=True) for m in ("cpu", "device")}
 
-    def sampler(ds):
-        keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))  # the same key sequence for both paths
-        return lambda: ds[next(keys)]
-
-    names = {"cpu_path": "cpu", "device_path_worker": "device"}
-    res = compare({k: sampler(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
-    keep = ("img_per_s", "img_per_s_min", "img_per_s_max")
-    detail = {k: {x: res[k][x] for x in keep} for k in names}
-    detail["device_path_worker_vs_cpu_path"] = ratio(res, "device_path_worker", "cpu_path")
+    detail = aug_paths_ips(paths, device_aug_hand.collate, lambda b: device_aug_hand.hand_train_batch(b, cfg.img_size), batch, device, rounds, n)
     dev = paths["device"]
-    items = device_aug_hand.collate([dev[(i % len(dev), i // len(dev))] for i in range(batch)])
-    items = {k: v.to(device) for k, v in items.items()}
-    res = compare({"crop": lambda: device_aug_hand.hand_train_batch(items, cfg.img_size)}, batch, device,
-                  rounds=rounds, warmup=1, iters=2)
-    detail[f"device_aug_on_{device.type}"] = {"batch": batch, **{x: res["crop"][x] for x in keep}}
     detail["train_set"] = f"{cfg.root} ({cfg.format}, {len(dev)} images, {cfg.img_size}x{cfg.img_size} crops)"
     return {k: v["img_per_s"] for k, v in detail.items() if isinstance(v, dict) and "img_per_s" in v}, detail
 

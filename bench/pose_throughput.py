@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
+from bench.common import (aug_paths_ips, base_parser, compare, count_train_flops, dataset_ips, environment,  # noqa: E402
                           peak_bf16_tflops, print_json, ratio)
 from lib.losses.pose import MaskedTokenDistilLoss, joints_mse, token_importance  # noqa: E402
 from lib.models.tokenpose import tokenpose  # noqa: E402
@@ -81,21 +81,8 @@ def data_pipeline_ips(data_config: str, n: int, device: torch.device, batch: int
         cfg = PoseDataConfig(root=str(root / "tests" / "data" / "pose"))
     paths = {m: CocoPoseDataset(dataclasses.replace(cfg, aug_device=m), "train", train=True) for m in ("cpu", "device")}
 
-    def sampler(ds):
-        keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))  # the same key sequence for both paths
-        return lambda: ds[next(keys)]
-
-    names = {"cpu_path": "cpu", "device_path_worker": "device"}
-    res = compare({k: sampler(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
-    keep = ("img_per_s", "img_per_s_min", "img_per_s_max")
-    detail = {k: {x: res[k][x] for x in keep} for k in names}
-    detail["device_path_worker_vs_cpu_path"] = ratio(res, "device_path_worker", "cpu_path")
+    detail = aug_paths_ips(paths, device_aug_pose.collate, lambda b: device_aug_pose.pose_train_batch(b, cfg.image_size), batch, device, rounds, n)
     dev = paths["device"]
-    items = device_aug_pose.collate([dev[(i % len(dev), i // len(dev))] for i in range(batch)])
-    items = {k: v.to(device) for k, v in items.items()}
-    res = compare({"crop": lambda: device_aug_pose.pose_train_batch(items, cfg.image_size)}, batch, device,
-                  rounds=rounds, warmup=1, iters=2)
-    detail[f"device_aug_on_{device.type}"] = {"batch": batch, **{x: res["crop"][x] for x in keep}}
     detail["train_set"] = f"{cfg.root} ({len(dev)} persons, {cfg.image_size[1]}x{cfg.image_size[0]} crops)"
     return {k: v["img_per_s"] for k, v in detail.items() if isinstance(v, dict) and "img_per_s" in v}, detail
 

@@ -69,7 +69,7 @@ def test_help_hand_nested_default_factory(capsys):
     rows = help_rows(HandConfig, [], capsys)
     assert rows["train.best_metric"][1] == "mpjpe" and rows["train.best_mode"][1] == "min"
     assert rows["model.backbone"][0].startswith("vit_small_patch14_dinov2|vit_base_patch14_dinov2")
-    assert rows["model.handec.dropout_warmup_step"][3] == "p = 0 before this optimizer step"
+    assert rows["model.handec.dropout_warmup_step"][3] == "p = 0 before this optimizer step (epoch, train.unit=epoch)"
 
 
 def test_help_with_config_file_shows_and_tags_its_values(tmp_path, capsys):
