@@ -4,6 +4,7 @@ and make_loader's (index, epoch) key contract."""
 
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from lib.config import build_config
 from lib.data import device_aug
 from lib.data.common import DataError, make_loader, read_image, sample_rng, to_tensor_normalized
-from lib.data.seg import SegDataConfig, SegFolderDataset, draw_photometric, photometric
+from lib.data.seg import SegDataConfig, SegFolderDataset, draw_photometric, normalize, photometric, read_rgb
 from lib.errors import UserError
 from tests.conftest import ROOT
 
@@ -29,7 +30,7 @@ def _grey_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b).abs() * STD255).round()
 
 
-def _photometric_float(img, rng):  # the pre-table implementation (float32 arrays), kept as the reference
+def _photometric_float(img, rng):  # mmseg's PhotoMetricDistortion on float32 arrays (cv2 HSV), the reference
     x = img.astype(np.float32)
     if rng.random() < 0.5:
         x = x + rng.uniform(-32, 32)
@@ -39,12 +40,12 @@ def _photometric_float(img, rng):  # the pre-table implementation (float32 array
     x = np.clip(x, 0, 255).astype(np.uint8)
     do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
     if do_sat or do_hue:
-        hsv = np.array(Image.fromarray(x).convert("HSV")).astype(np.float32)
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV).astype(np.float32)
         if do_sat:
             hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
         if do_hue:
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 180) % 255
-        x = np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18)) % 180
+        x = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
     if not contrast_first and rng.random() < 0.5:
         x = np.clip(x.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
     return x
@@ -82,6 +83,13 @@ def test_read_image_palette_label_keeps_indices_and_errors_name_the_file(tmp_pat
 # ---- CPU path pieces
 
 
+def test_seg_cv2_decode_and_normalize_equal_pil_and_to_tensor_normalized():
+    for f in sorted((SEG / "train").iterdir()):
+        img = read_rgb(f)
+        assert np.array_equal(img, np.array(Image.open(f).convert("RGB"))), f
+        assert torch.equal(normalize(img), to_tensor_normalized(img))
+
+
 def test_photometric_tables_equal_the_float_arithmetic():
     img = np.array(Image.open(sorted((SEG / "train").iterdir())[0]).convert("RGB"))[:96, :128]
     for seed in range(24):
@@ -90,16 +98,39 @@ def test_photometric_tables_equal_the_float_arithmetic():
         assert np.array_equal(out, ref), seed
 
 
-def test_hsv_ports_equal_pil():
+def test_hsv_ports_equal_opencv():
+    # random pixels, a grey ramp, pure red; widths 512 (whole SIMD blocks) and 100 as one row
     rng = np.random.default_rng(0)
-    rgb = np.concatenate([rng.integers(0, 256, (200, 256, 3)), np.repeat(np.arange(256), 3).reshape(1, 256, 3),
-                          np.zeros((1, 256, 3), int) + [255, 0, 0]]).astype(np.uint8)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()
-    hsv = device_aug.rgb_to_hsv_pil(x)
-    assert np.array_equal(hsv.permute(1, 2, 0).numpy().astype(np.uint8), np.array(Image.fromarray(rgb).convert("HSV")))
-    back = device_aug.hsv_to_rgb_pil(x)  # the same bytes read as H, S, V
-    assert np.array_equal(back.permute(1, 2, 0).numpy().astype(np.uint8),
-                          np.array(Image.fromarray(rgb, "HSV").convert("RGB")))
+    rgb = np.concatenate([rng.integers(0, 256, (200, 512, 3)), np.repeat(np.arange(512) // 2, 3).reshape(1, 512, 3),
+                          np.zeros((1, 512, 3), int) + [255, 0, 0]]).astype(np.uint8)
+    hsv = rgb.copy()
+    hsv[..., 0] %= 180  # OpenCV's 8-bit hue is 0..179
+
+    def port(fn, a):
+        return fn(torch.from_numpy(a).permute(2, 0, 1).float()).permute(1, 2, 0).numpy().astype(np.uint8)
+
+    assert np.array_equal(port(device_aug.rgb_to_hsv_cv, rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))  # integer: exact
+    # float32 steps with OpenCV's FMA (x86 SIMD builds): exact here; a build without FMA would
+    # differ by 1 level on a few pixels, OpenCV's scalar row tail (rounds) likewise
+    out, ref = port(device_aug.hsv_to_rgb_cv, hsv), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    d = np.abs(out.astype(int) - ref)
+    assert (d > 0).any(-1).mean() < 1e-3 and d.max() <= 1, ((d > 0).any(-1).mean(), d.max())
+    row = hsv[:150, :100].reshape(1, -1, 3)  # 15000 pixels: a scalar tail of 15000 mod 64 = 24 or less
+    d = np.abs(port(device_aug.hsv_to_rgb_cv, row).astype(int) - cv2.cvtColor(row, cv2.COLOR_HSV2RGB))
+    assert (d > 0).any(-1).sum() <= 24 and (d > 0)[0, :-24].sum() == 0 and d.max() <= 1
+
+
+def test_photometric_as_one_row_equals_per_row_hsv():
+    # photometric converts the image as one row; per row (cv2 on the (H, W, 3) image) differs at most
+    # by OpenCV's tail rounding: 1 level
+    img = np.random.default_rng(1).integers(0, 256, (60, 100, 3)).astype(np.uint8)
+    p = dict(device_aug.NO_PHOTOMETRIC, hsv=1.0, saturation=1.2, hue=5.5)
+    out = photometric(img, p)
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + np.float32(5.5)) % 180
+    hsv[..., 1] = np.clip(hsv[..., 1] * np.float32(1.2), 0, 255)
+    ref = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    assert np.abs(out.astype(int) - ref).max() <= 1 and (out != ref).any(-1).mean() < 0.5
 
 
 # ---- the two paths

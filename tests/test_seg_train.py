@@ -158,7 +158,9 @@ def test_ctrl_c_saves_one_line_and_resume_auto_finishes(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_same_global_batch(tmp_path):
     common = TINY + ["train.total_steps=4", "train.eval_interval=2", "train.ckpt_interval=4", "sched.warmup_steps=0",
-                     "model.drop_path_rate=0", "model.decoder_dropout=0", "optim.name=sgd", "optim.lr=0.05"]
+                     "model.drop_path_rate=0", "model.decoder_dropout=0", "optim.name=sgd", "optim.lr=0.01"]
+    # lr 0.01: at 0.05 this tiny run diverges (loss 7.6 -> 18.8 in 3 steps) and amplifies float-order noise
+    # ~10x, so the comparison then depends on the augmented pixels; at 0.01 the weights agree to ~3e-5
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_seg.py",
                           *common, "train.batch_size=1", f"output_dir={tmp_path / 'two'}"],
@@ -173,7 +175,7 @@ def test_two_processes_equal_one_process_with_same_global_batch(tmp_path):
         for k in ("mIoU", "mAcc", "aAcc"):
             assert r1[k] == pytest.approx(r2[k], abs=0.01), (k, r1[k], r2[k])
     w1, w2 = weights(tmp_path / "one" / "checkpoints" / "step_4"), weights(tmp_path / "two" / "checkpoints" / "step_4")
-    for k in w1:  # BN running statistics: float sums in another order, amplified by 4 SGD steps at lr 0.05
+    for k in w1:  # BN running statistics: float sums in another order, after 4 SGD steps
         if w1[k].is_floating_point():
             tol = 1e-2 if "running_" in k else 1e-3
             assert torch.allclose(w1[k], w2[k], rtol=tol, atol=tol), k

@@ -9,16 +9,19 @@ label; the image stays uint8 at its own size and its choices travel as `batch["a
     for batch in train_loader:                      # batch["image"]: (B, 3, H, W) uint8, padded
         batch = device_aug.seg_train_batch(batch, cfg.data.crop_size)  # (B, 3, ch, cw) normalised
 
-It computes what the CPU path (`SegFolderDataset.apply`, PIL) computes, in float32 tensors:
+It computes what the CPU path (`SegFolderDataset.apply`: PIL resample, OpenCV HSV) computes, in tensors:
 PIL's antialiased bilinear resample of the crop box written as two matrices per sample
 (rows (B, ch, H), columns (B, cw, W)), PIL's uint8 rounding after each pass, flip folded into
-the column matrix, then the photometric tables and PIL's own RGB <-> HSV formulas ported
-elementwise. Pixels agree with the CPU path to within 1-2 grey levels on a fraction of a
+the column matrix, then the photometric tables and OpenCV's 8-bit RGB <-> HSV formulas (cv2.COLOR_RGB2HSV /
+COLOR_HSV2RGB, hue 0..179, as mmseg) ported elementwise. Pixels agree with the CPU path to within 1-2 grey levels on a fraction of a
 percent of pixels (rounding); with no rescale, no flip and no photometric it is exact.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from lib.data.common import IMAGENET_MEAN, IMAGENET_STD
@@ -79,43 +82,53 @@ def resize_crop_flip(image: torch.Tensor, aug: dict, crop_size: tuple[int, int])
     return _round_u8(torch.matmul(rows.float()[:, None], x))  # (B, 3, ch, cw)
 
 
-def rgb_to_hsv_pil(rgb: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> HSV (Convert.c rgb2hsv_row) on (..., 3, H, W) float uint8 values, same C
-    float/double steps; H, S, V in 0..255."""
-    r, g, b = rgb.unbind(-3)
-    maxc, minc = torch.maximum(r, torch.maximum(g, b)), torch.minimum(r, torch.minimum(g, b))
-    cr = (maxc - minc).float()
-    grey = cr == 0
-    crs = torch.where(grey, torch.ones_like(cr), cr)
-    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    rc, gc, bc = (maxc - r) / crs, (maxc - g) / crs, (maxc - b) / crs  # float32 as in C
-    h = torch.where(r == maxc, (bc - gc).double(),
-                    torch.where(g == maxc, 2.0 + rc.double() - bc.double(), 4.0 + gc.double() - rc.double()))
-    h = torch.fmod(h.float().double() / 6.0 + 1.0, 1.0).float()  # C: float h = fmod(double)
-    uh = torch.trunc(h.double() * 255.0).clamp(0, 255)
-    us = torch.trunc(s.double() * 255.0).clamp(0, 255)
-    uh, us = torch.where(grey, 0.0, uh), torch.where(grey, 0.0, us)
-    return torch.stack([uh.float(), us.float(), maxc], -3)
+_HSV_SHIFT = 12  # OpenCV RGB2HSV_b: fixed-point reciprocal tables, round-to-nearest (no ties occur)
+_SDIV = [0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)]
+_HDIV = [0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)]  # hue range 0..179
+_F32 = {k: float(v) for k, v in {"1/255": np.float32(1) / np.float32(255), "1/6": np.float32(1) / np.float32(6),
+                                  "6/180": np.float32(6) / np.float32(180)}.items()}  # C's 1.0f / 255.0f, ...
 
 
-def hsv_to_rgb_pil(hsv: torch.Tensor) -> torch.Tensor:
-    """PIL's HSV -> RGB (Convert.c hsv2rgb), same C float/double steps and round-half-away."""
-    h, s, v = hsv.unbind(-3)
-    h6 = h.double() * 6.0 / 255.0
-    i = torch.floor(h6)
-    f = (h6 - i).float()
-    fs = (s.double() / 255.0).float()
-    v64 = v.double()
-    p = torch.floor(v64 * (1.0 - fs.double()) + 0.5).clamp(0, 255)
-    q = torch.floor(v64 * (1.0 - (fs * f).double()) + 0.5).clamp(0, 255)
-    t = torch.floor(v64 * (1.0 - fs.double() * (1.0 - f.double())) + 0.5).clamp(0, 255)  # C: double here
-    p, q, t = p.float(), q.float(), t.float()
-    i = i.long() % 6
-    sel = [torch.stack(c, -3) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
-    out = sel[0]
+def rgb_to_hsv_cv(rgb: torch.Tensor) -> torch.Tensor:
+    """OpenCV's 8-bit RGB -> HSV (cv2.COLOR_RGB2HSV, RGB2HSV_b; what mmseg's PhotoMetricDistortion
+    uses): integer arithmetic on (..., 3, H, W) float uint8 values; H in 0..179, S, V in 0..255."""
+    r, g, b = rgb.round().to(torch.int32).unbind(-3)
+    v, vmin = torch.maximum(r, torch.maximum(g, b)), torch.minimum(r, torch.minimum(g, b))
+    diff = v - vmin
+    sdiv = torch.tensor(_SDIV, dtype=torch.int32, device=rgb.device)
+    hdiv = torch.tensor(_HDIV, dtype=torch.int32, device=rgb.device)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = torch.bitwise_right_shift(diff * sdiv[v.long()] + half, _HSV_SHIFT)
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = torch.bitwise_right_shift(h * hdiv[diff.long()] + half, _HSV_SHIFT)  # arithmetic shift: floor
+    h = torch.where(h < 0, h + 180, h).clamp_(0, 255)
+    return torch.stack([h, s, v], -3).float()
+
+
+def hsv_to_rgb_cv(hsv: torch.Tensor) -> torch.Tensor:
+    """OpenCV's 8-bit HSV -> RGB (cv2.COLOR_HSV2RGB, HSV2RGB_b's SIMD body) on (..., 3, H, W) float
+    uint8 values: the same float32 steps, 1 - s*f as one fused multiply-add (as the x86 builds
+    compile it), truncation to uint8. OpenCV's scalar tail (pixels after the last full SIMD
+    block of a row) rounds instead: `lib.data.seg.photometric` converts the image as one row."""
+    h, s, v = hsv.float().unbind(-3)
+    f32 = functools.partial(torch.tensor, dtype=torch.float32, device=hsv.device)
+    s, v = s * f32(_F32["1/255"]), v * f32(_F32["1/255"])
+    h = h * f32(_F32["6/180"])
+    pre = torch.trunc(h)
+    f = h - pre
+    one = f32(1.0)
+
+    def one_minus(a, b):  # fma(-a, b, 1) in float32: the float64 product of two float32 is exact
+        return (1.0 - a.double() * b.double()).float()
+
+    tab = [v, v * (one - s), v * one_minus(s, f), v * one_minus(s, one - f)]
+    sector = pre - torch.trunc(pre * f32(_F32["1/6"])) * f32(6.0)
+    # (r, g, b) as indices into tab per sector (OpenCV's sector_data, read as RGB)
+    order = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
+    out = [tab[c] for c in order[0]]
     for k in range(1, 6):
-        out = torch.where((i == k)[..., None, :, :], sel[k], out)
-    return torch.where((s == 0)[..., None, :, :], torch.stack([v, v, v], -3), out)
+        out = [torch.where(sector == k, tab[c], o) for c, o in zip(order[k], out)]
+    return torch.trunc(torch.stack(out, -3) * f32(255.0)).clamp_(0, 255)
 
 
 def photometric(x: torch.Tensor, aug: dict) -> torch.Tensor:
@@ -126,10 +139,10 @@ def photometric(x: torch.Tensor, aug: dict) -> torch.Tensor:
     x = torch.floor(((x + per("brightness")) * per("contrast_before")).clamp(0, 255))
     do_hsv = aug["hsv"] > 0
     if do_hsv.any():
-        hsv = rgb_to_hsv_pil(x)
-        hue = torch.floor(torch.remainder(hsv[:, 0:1] + per("hue"), 255.0))
+        hsv = rgb_to_hsv_cv(x)
+        hue = torch.remainder(torch.floor(torch.remainder(hsv[:, 0:1] + per("hue"), 180.0)), 180.0)  # seg.hue_table
         sat = torch.floor((hsv[:, 1:2] * per("saturation")).clamp(0, 255))
-        shifted = hsv_to_rgb_pil(torch.cat([hue, sat, hsv[:, 2:3]], 1))
+        shifted = hsv_to_rgb_cv(torch.cat([hue, sat, hsv[:, 2:3]], 1))
         x = torch.where(do_hsv[:, None, None, None], shifted, x)
     return torch.floor((x * per("contrast_after")).clamp(0, 255))
 

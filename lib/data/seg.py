@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -27,7 +28,8 @@ from lib.data.device_aug import AUG_FIELDS, NO_PHOTOMETRIC
 from lib.config import Frac, NonNegInt, PathStr, PosFloat, PosInt, Range, SubPath
 from lib.errors import DataError, UserError
 
-from lib.data.common import denormalize, read_image, require_dir, sample_rng, split_key, to_tensor_normalized  # noqa: F401 (denormalize re-exported)
+from lib.data.common import (decode_image_bytes, denormalize, read_image, require_dir, sample_rng,  # noqa: F401
+                             split_key, to_tensor_normalized)  # (denormalize re-exported)
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -56,7 +58,7 @@ class SegDataConfig:
     cat_max_ratio: Annotated[float, Range(gt=0, le=1)] = 0.75  # 1 = off
     flip_prob: Frac = 0.5
     photometric: bool = True
-    # where the train augmentation runs: "cpu" = in the loader workers (PIL); "device" = workers
+    # where the train augmentation runs: "cpu" = in the loader workers (PIL + OpenCV); "device" = workers
     # decode and crop the label only, lib.data.device_aug.seg_train_batch does the image on the GPU
     aug_device: Literal["cpu", "device"] = "cpu"
     folds: NonNegInt = 0  # k-fold cross-validation over the train folder (0 = off)
@@ -102,32 +104,78 @@ def draw_photometric(rng: np.random.Generator) -> dict:
     p["hsv"] = float(do_sat or do_hue)
     if do_sat:
         p["saturation"] = rng.uniform(0.5, 1.5)
-    if do_hue:  # mmseg: +-18 of 180 degrees -> +-25.5 of 255
-        p["hue"] = rng.uniform(-18, 18) * 255 / 180
+    if do_hue:  # mmseg: +-18 of OpenCV's 180 hue levels
+        p["hue"] = rng.uniform(-18, 18)
     if not contrast_first and rng.random() < 0.5:
         p["contrast_after"] = rng.uniform(0.5, 1.5)
     return p
 
 
-def _lut(fn) -> list[int]:
+def _lut(fn) -> np.ndarray:
     """A uint8 -> uint8 table of fn over float32 values 0..255 (what the float32 array ops give)."""
-    return fn(np.arange(256, dtype=np.float32)).astype(np.uint8).tolist()
+    return fn(np.arange(256, dtype=np.float32)).astype(np.uint8)
+
+
+def hue_table(hue: float) -> np.ndarray:
+    """OpenCV's 8-bit hue (0..179, period 180) shifted by `hue`: float32 (x + hue) mod 180,
+    truncated (a float32 sum that rounds up to 180.0 wraps to 0). On integer hues this is a
+    shift by floor(hue): uniform(-18, 18) gives mmseg's randint(-18, 18) shifts."""
+    return (((np.arange(256, dtype=np.float32) + np.float32(hue)) % 180).astype(np.int64) % 180).astype(np.uint8)
 
 
 def photometric(img: np.ndarray, p: dict) -> np.ndarray:
-    """Apply `draw_photometric` parameters to (H, W, 3) uint8. Each step is a per-channel uint8
-    table (PIL `point`), equal to the float32 arithmetic (x + b) * c, clip, truncate."""
-    im = Image.fromarray(img)
+    """Apply `draw_photometric` parameters to (H, W, 3) uint8. Each step is a uint8 table
+    (cv2.LUT), equal to the float32 arithmetic (x + b) * c, clip, truncate; saturation and hue
+    on OpenCV's 8-bit HSV (cv2.COLOR_RGB2HSV / COLOR_HSV2RGB, hue 0..179), as mmseg. The HSV
+    round trip runs on the image as one row: OpenCV's HSV -> RGB truncates in its SIMD body and
+    rounds in the scalar tail of each row, so one row keeps the tail to the last < 64 pixels
+    (none for 512x512) and `device_aug.hsv_to_rgb_cv` (the SIMD body) matches it."""
+    x = np.ascontiguousarray(img)
     if p["brightness"] != 0 or p["contrast_before"] != 1:
-        im = im.point(_lut(lambda x: np.clip((x + np.float32(p["brightness"])) * np.float32(p["contrast_before"]),
-                                             0, 255)) * 3)
+        x = cv2.LUT(x, _lut(lambda v: np.clip((v + np.float32(p["brightness"])) * np.float32(p["contrast_before"]),
+                                              0, 255)))
     if p["hsv"]:
-        hue = _lut(lambda x: (x + np.float32(p["hue"])) % 255)
-        sat = _lut(lambda x: np.clip(x * np.float32(p["saturation"]), 0, 255))
-        im = im.convert("HSV").point(hue + sat + list(range(256))).convert("RGB")
+        sat = _lut(lambda v: np.clip(v * np.float32(p["saturation"]), 0, 255))
+        table = np.stack([hue_table(p["hue"]), sat, np.arange(256, dtype=np.uint8)], -1)[None]  # (1, 256, 3)
+        row = cv2.cvtColor(cv2.LUT(cv2.cvtColor(x.reshape(1, -1, 3), cv2.COLOR_RGB2HSV), table), cv2.COLOR_HSV2RGB)
+        x = row.reshape(x.shape)
     if p["contrast_after"] != 1:
-        im = im.point(_lut(lambda x: np.clip(x * np.float32(p["contrast_after"]), 0, 255)) * 3)
-    return np.array(im)
+        x = cv2.LUT(x, _lut(lambda v: np.clip(v * np.float32(p["contrast_after"]), 0, 255)))
+    return x
+
+
+_NORM_LUT: list[np.ndarray] = []
+
+
+def normalize(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, bit-identical to `to_tensor_normalized`: its own output
+    on the 256 grey levels, as one float32 table per channel (cv2.LUT), instead of four passes."""
+    if not _NORM_LUT:
+        lut = to_tensor_normalized(np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 256, 3))  # (3, 1, 256)
+        _NORM_LUT.extend(np.ascontiguousarray(lut[c, 0].numpy()) for c in range(3))
+    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
+    out = np.empty(chw.shape, np.float32)
+    for c in range(3):
+        out[c] = cv2.LUT(chw[c], _NORM_LUT[c])
+    return torch.from_numpy(out)
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """`read_image(path)`, with 8-bit grey / RGB PNGs decoded by cv2.imdecode (libpng: the same
+    pixels as PIL, faster than torchvision.io here); anything else, and any file cv2 cannot decode,
+    goes through read_image (which words the errors)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return read_image(path)
+    if data[:8] == _PNG_MAGIC and len(data) > 33 and data[24] == 8 and data[25] in (0, 2):
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        if img is not None and img.ndim == 3:
+            return img
+    return decode_image_bytes(data, path)
 
 
 class SegFolderDataset(torch.utils.data.Dataset):
@@ -167,7 +215,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, ann_path = self.pairs[i]
-        img, raw = read_image(img_path), read_image(ann_path, "label")
+        img, raw = read_rgb(img_path), read_image(ann_path, "label")
         if raw.shape != img.shape[:2]:
             raise DataError(f"label {ann_path} is {raw.shape}, image {img_path} is {img.shape[:2]}")
         label = self.lut[raw.astype(np.int64)]
@@ -186,7 +234,7 @@ class SegFolderDataset(torch.utils.data.Dataset):
             if self.on_device:  # image stays uint8 at its own size; lib.data.device_aug does the rest
                 return {"image": torch.from_numpy(img).permute(2, 0, 1), "label": torch.from_numpy(label),
                         "aug": torch.tensor([p[k] for k in AUG_FIELDS], dtype=torch.float64), "name": name}
-            img = self.apply(img, p)
+            return {"image": normalize(self.apply(img, p)), "label": torch.from_numpy(label), "name": name}
         else:
             h, w = img.shape[:2]
             img = np.array(Image.fromarray(img).resize(rescale_size(w, h, self.cfg.scale, 1.0), Image.BILINEAR))
@@ -238,13 +286,12 @@ class SegFolderDataset(torch.utils.data.Dataset):
         flip, photometric, pad with 0 to the crop size -> (crop_h, crop_w, 3) uint8."""
         sx, sy = p["in_w"] / p["out_w"], p["in_h"] / p["out_h"]
         x0, y0, crop_w, crop_h = p["x0"], p["y0"], p["crop_w"], p["crop_h"]
-        im = Image.fromarray(img)
-        if (crop_w, crop_h) != im.size or (x0, y0) != (0, 0) or sx != 1 or sy != 1:
-            im = im.resize((crop_w, crop_h), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + crop_w) * sx,
-                                                                  (y0 + crop_h) * sy))
+        if (crop_w, crop_h) != (img.shape[1], img.shape[0]) or (x0, y0) != (0, 0) or sx != 1 or sy != 1:
+            img = np.asarray(Image.fromarray(img).resize((crop_w, crop_h), Image.BILINEAR, box=(
+                x0 * sx, y0 * sy, (x0 + crop_w) * sx, (y0 + crop_h) * sy)))
         if p["flip"]:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        img = photometric(np.asarray(im), p)
+            img = cv2.flip(img, 1)
+        img = photometric(img, p)
         ch, cw = self.cfg.crop_size
         if crop_h < ch or crop_w < cw:
             img = np.pad(img, ((0, ch - crop_h), (0, cw - crop_w), (0, 0)))
