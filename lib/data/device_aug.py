@@ -12,9 +12,10 @@ label; the image stays uint8 at its own size and its choices travel as `batch["a
 It computes what the CPU path (`SegFolderDataset.apply`: PIL resample, OpenCV HSV) computes, in tensors:
 PIL's antialiased bilinear resample of the crop box written as two matrices per sample
 (rows (B, ch, H), columns (B, cw, W)), PIL's uint8 rounding after each pass, flip folded into
-the column matrix, then the photometric tables and OpenCV's 8-bit RGB <-> HSV formulas (cv2.COLOR_RGB2HSV /
-COLOR_HSV2RGB, hue 0..179, as mmseg) ported elementwise. Pixels agree with the CPU path to within 1-2 grey levels on a fraction of a
-percent of pixels (rounding); with no rescale, no flip and no photometric it is exact.
+the column matrix, then the photometric tables and OpenCV's 8-bit RGB <-> HSV formulas
+(cv2.COLOR_RGB2HSV / COLOR_HSV2RGB, hue 0..179, as mmseg) ported elementwise. Pixels agree with the
+CPU path to within 1-2 grey levels on a fraction of a percent of pixels (rounding); with no rescale,
+no flip and no photometric it is exact.
 """
 
 from __future__ import annotations
@@ -147,6 +148,14 @@ def photometric(x: torch.Tensor, aug: dict) -> torch.Tensor:
     return torch.floor((x * per("contrast_after")).clamp(0, 255))
 
 
+def normalize_batch(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(B, 3, h, w) float holding uint8 values -> normalised, the arithmetic of common.to_tensor_normalized
+    (in place on x: / 255, - mean, / std); shared by the seg, pose and hand device paths."""
+    m = torch.tensor(mean, device=x.device)[:, None, None]
+    s = torch.tensor(std, device=x.device)[:, None, None]
+    return (x.div_(255) - m) / s
+
+
 def seg_train_batch(batch: dict, crop_size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     """Device-path batch (uint8 images + `aug`) -> the CPU path's batch: image (B, 3, ch, cw)
     normalised float32, label (B, ch, cw) unchanged. Runs on whatever device the batch is on,
@@ -165,6 +174,4 @@ def seg_train_batch(batch: dict, crop_size: tuple[int, int], mean=IMAGENET_MEAN,
     valid = ((torch.arange(ch, device=x.device)[None, :, None] < aug["crop_h"][:, None, None])
              & (torch.arange(cw, device=x.device)[None, None, :] < aug["crop_w"][:, None, None]))
     x = torch.where(valid[:, None], x, 0.0)  # pad: 0 after photometric, as the CPU path
-    m = torch.tensor(mean, device=x.device)[:, None, None]
-    s = torch.tensor(std, device=x.device)[:, None, None]
-    return {**batch, "image": (x.div_(255) - m) / s}  # the arithmetic of common.to_tensor_normalized
+    return {**batch, "image": normalize_batch(x, mean, std)}

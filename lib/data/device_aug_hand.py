@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lib.data.common import IMAGENET_MEAN, IMAGENET_STD
-from lib.data.device_aug import resample_matrix
+from lib.data.device_aug import normalize_batch, resample_matrix
 from lib.data.device_aug_pose import collate, warp_batch  # noqa: F401 (collate: the same padding)
 
 
@@ -59,7 +59,5 @@ def hand_train_batch(batch: dict, img_size: int, mean=IMAGENET_MEAN, std=IMAGENE
         x = resize_batch(image, batch["image_hw"], batch["resize"])  # (B, 3, h', w')
         x = warp_batch(x, batch["affine"], batch["resize"].flip(-1), (img_size, img_size))  # (B, 3, S, S) float64
         x = torch.floor((x * batch["color"].to(x)[:, :, None, None]).clamp(0, 255)).float()  # numpy: uint8 cast
-    m = torch.tensor(mean, device=x.device)[:, None, None]
-    s = torch.tensor(std, device=x.device)[:, None, None]
     out = {k: v for k, v in batch.items() if k not in ("affine", "image_hw", "resize", "color")}
-    return {**out, "image": (x.div_(255) - m) / s}  # the arithmetic of common.to_tensor_normalized
+    return {**out, "image": normalize_batch(x, mean, std)}

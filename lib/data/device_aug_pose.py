@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from lib.data.common import IMAGENET_MEAN, IMAGENET_STD
+from lib.data.device_aug import normalize_batch
 
 # PIL truncates its float64 bilinear value to uint8; grid_sample's weights sum to 1 only up to ~1e-16, so an
 # exact integer (flat region, identity) can come out as k - 1e-13: lift by far more than that, far less than a level
@@ -71,7 +72,5 @@ def pose_train_batch(batch: dict, out_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
     image = batch["image"]
     with torch.autocast(image.device.type, enabled=False):
         x = warp_batch(image, batch["affine"], batch["image_hw"], out_size).float()  # exact: uint8 values
-    m = torch.tensor(mean, device=x.device)[:, None, None]
-    s = torch.tensor(std, device=x.device)[:, None, None]
     out = {k: v for k, v in batch.items() if k not in ("affine", "image_hw")}
-    return {**out, "image": (x.div_(255) - m) / s}  # the arithmetic of common.to_tensor_normalized
+    return {**out, "image": normalize_batch(x, mean, std)}
