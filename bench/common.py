@@ -120,17 +120,20 @@ def print_json(obj: dict) -> None:
     print(json.dumps(obj, indent=1))
 
 
+def dataset_step(ds):
+    """A `compare` step that reads the next sample ds[(i, epoch)] (i = 0, 1, ... over epochs): datasets
+    timed against each other read the same key sequence."""
+    keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))
+    return lambda: ds[next(keys)]
+
+
 def aug_paths_ips(paths: dict, collate, batch_fn, batch: int, device: torch.device, rounds: int, n: int) -> dict:
     """Data pipeline of a task with `data.aug_device`: img/s per worker of the train dataset in "cpu" and
     "device" mode (interleaved rounds, the same (index, epoch) keys for both), and img/s of the batched
     device half `batch_fn(collated batch)` on `device`. paths: {"cpu": dataset, "device": dataset}."""
 
-    def sampler(ds):
-        keys = iter((i % len(ds), i // len(ds)) for i in range(10**9))  # the same key sequence for both paths
-        return lambda: ds[next(keys)]
-
     names = {"cpu_path": "cpu", "device_path_worker": "device"}
-    res = compare({k: sampler(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
+    res = compare({k: dataset_step(paths[m]) for k, m in names.items()}, 1, torch.device("cpu"), rounds, 2, n)
     keep = ("img_per_s", "img_per_s_min", "img_per_s_max")
     detail = {k: {x: res[k][x] for x in keep} for k in names}
     detail["device_path_worker_vs_cpu_path"] = ratio(res, "device_path_worker", "cpu_path")

@@ -15,13 +15,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import compare, dataset_step, ratio  # noqa: E402
 OLD = "fa3382b"  # the pipeline before issue 14's work (15.2 img/s on the development box)
 
 
@@ -35,13 +35,6 @@ def old_module():
     sys.modules["seg_old"] = mod  # dataclasses look the module up
     spec.loader.exec_module(mod)
     return mod
-
-
-def ips(ds, n: int, start: int) -> float:
-    t0 = time.perf_counter()
-    for k in range(start, start + n):
-        ds[(k % len(ds), k // len(ds))]
-    return n / (time.perf_counter() - t0)
 
 
 def main():
@@ -63,19 +56,12 @@ def main():
         "new": SegFolderDataset(build_config(SegDataConfig, kw), "train", True),
         "device_worker": SegFolderDataset(build_config(SegDataConfig, {**kw, "aug_device": "device"}), "train", True),
     }
-    for ds in pipes.values():
-        ips(ds, 3, 0)  # warm-up (file cache, imports)
-    rounds = {k: [] for k in pipes}
-    for r in range(args.rounds):
-        order = list(pipes) if r % 2 == 0 else list(pipes)[::-1]
-        for k in order:
-            rounds[k].append(round(ips(pipes[k], args.n, r * args.n), 2))
-    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:][:2]) / 2
-    ratios = {k: [b / a for a, b in zip(rounds["old"], rounds[k])] for k in ("new", "device_worker")}
+    # one sample per step, n per round, interleaved A B C / C B A ...; 3 warm-up samples each (file cache)
+    res = compare({k: dataset_step(ds) for k, ds in pipes.items()}, 1, torch.device("cpu"), args.rounds, 3, args.n)
     print(json.dumps({"bench": "seg_data_pipeline_per_worker", "data_root": args.data_root, "n": args.n,
-                      "img_per_s_rounds": rounds, "img_per_s_median": {k: round(med(v), 2) for k, v in rounds.items()},
-                      **{f"{k}_vs_old": {"median": round(med(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
-                         for k, v in ratios.items()}}, indent=1))
+                      "img_per_s_rounds": {k: r["rounds"] for k, r in res.items()},
+                      "img_per_s_median": {k: r["img_per_s"] for k, r in res.items()},
+                      **{f"{k}_vs_old": ratio(res, k, "old") for k in ("new", "device_worker")}}, indent=1))
 
 
 if __name__ == "__main__":
